@@ -1,0 +1,119 @@
+"""
+The envelope of a spooled message and its JSON form.
+
+Envelopes are stored as JSON beside the message bytes, never pickled, so an
+admin can read them and a later version can still load them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+ENVELOPE_VERSION = 1
+
+NULL_AUTH = "<>"
+"""
+The C{AUTH=} value recorded when the submitter's identity is not vouched for
+(RFC 4954 section 5).
+"""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """
+    One delivery attempt.
+
+    @ivar time: POSIX time the attempt ended.
+    @ivar host: the host talked to, or the Maildir path.
+    @ivar reply: the reply or error text that decided the outcome.
+    """
+
+    time: float
+    host: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """
+    Everything the relay knows about an accepted message besides its bytes.
+
+    @ivar queueId: the spool id, also in the C{Received} header and the 250.
+    @ivar sender: the reverse-path without angle brackets; C{""} is the null
+        sender.
+    @ivar recipients: the forward-paths still to deliver, in RCPT order.
+    @ivar auth: the C{AUTH=} value to pass on: an identity, or C{"<>"}.
+    @ivar authUser: the SMTP AUTH user of the session, or C{None} when the
+        client relayed as a trusted network.
+    @ivar clientAddress: the client's IP address.
+    @ivar helo: the (sanitised) HELO/EHLO name.
+    @ivar receivedAt: POSIX time the message was accepted.
+    @ivar size: octets of the message as stored.
+    @ivar body: C{"7BIT"} or C{"8BITMIME"}.
+    @ivar attempts: delivery attempts so far.
+    """
+
+    queueId: str
+    sender: str
+    recipients: tuple[str, ...]
+    auth: str = NULL_AUTH
+    authUser: str | None = None
+    clientAddress: str = ""
+    helo: str = ""
+    receivedAt: float = 0.0
+    size: int = 0
+    body: str = "7BIT"
+    attempts: tuple[Attempt, ...] = field(default=())
+
+    def toJSON(self) -> bytes:
+        """
+        Serialise for the spool.
+        """
+        data: dict[str, Any] = asdict(self)
+        data["version"] = ENVELOPE_VERSION
+        return json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+    @classmethod
+    def fromJSON(cls, raw: bytes) -> Envelope:
+        """
+        Load an envelope written by L{toJSON}.
+
+        @raise ValueError: if C{raw} is not a valid envelope.
+        """
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("envelope is not a JSON object")
+            data.pop("version", None)
+            data["recipients"] = tuple(data["recipients"])
+            data["attempts"] = tuple(Attempt(**a) for a in data.get("attempts", ()))
+            return cls(**data)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"bad envelope: {e}") from e
+
+    def withAttempt(self, attempt: Attempt, remaining: tuple[str, ...]) -> Envelope:
+        """
+        A copy recording C{attempt}, with only C{remaining} recipients left.
+        """
+        return replace(
+            self, attempts=self.attempts + (attempt,), recipients=tuple(remaining)
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """
+    The outcome of one delivery attempt, per recipient.
+
+    @ivar delivered: recipients the next hop accepted.
+    @ivar deferred: recipient to reply text, for temporary failures (retry).
+    @ivar failed: recipient to reply text, for permanent failures (bounce).
+    @ivar host: who the attempt talked to.
+    """
+
+    delivered: tuple[str, ...] = ()
+    deferred: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    host: str = ""

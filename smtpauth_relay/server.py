@@ -1,0 +1,817 @@
+"""
+The ESMTP server protocol of the relay: submission with AUTH over TLS.
+
+L{RelayESMTP} subclasses L{twisted.mail.smtp.ESMTP} for its command dispatch
+(C{do_*}/C{ext_*}), C{host} and timeout machinery, and replaces the parts
+where twisted.mail is unsafe for a submission gateway (the "known traps" in
+STYLE.md):
+
+ 1. AUTH is neither advertised nor accepted before TLS when C{require_tls}
+    (538 5.7.11).
+ 2. Lines pipelined after STARTTLS in the same packet are dropped, and the
+    EHLO state is forgotten (RFC 3207; CVE-2011-0411 class).
+ 3. Spool failures answer 451 4.3.0 / 452 4.3.1, never a permanent 550.
+ 4. One spool writer per transaction, whatever the number of recipients; the
+    Received header is built here, where TLS and AUTH state are known.
+ 5. Bare CR or LF in DATA fails the message (550 5.6.11); see
+    L{smtpauth_relay.submission}.
+
+Commands are processed one at a time: while one waits on a L{Deferred} (a
+password check, the spool's fsync) the transport is paused and pipelined
+commands wait in the buffer, so replies always come in order and nothing
+after QUIT overtakes a pending 250.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from smtpauth_relay import replies
+from smtpauth_relay.addresses import (
+    MailFrom,
+    ParameterError,
+    PathSyntaxError,
+    parseMailFrom,
+    parseRcptTo,
+)
+from smtpauth_relay.auth import LoginContext, Submitter, login
+from smtpauth_relay.envelope import Envelope
+from smtpauth_relay.errors import CheckerUnavailable, SpoolError
+from smtpauth_relay.interfaces import ISpool
+from smtpauth_relay.policy import RelayPolicy
+from smtpauth_relay.replies import Reply
+from smtpauth_relay.sasl import (
+    MECHANISMS,
+    AuthorizationRefused,
+    Login,
+    MechanismError,
+    Plain,
+)
+from smtpauth_relay.submission import MessageIntake
+from smtpauth_relay.trace import TLSInfo, receivedHeader, sanitiseHelo
+
+log = Logger()
+
+COMMAND_LINE_LIMIT = 512
+"""Octets in a command line, CRLF included (RFC 5321 section 4.5.3.1.4)."""
+MAIL_LINE_LIMIT = COMMAND_LINE_LIMIT + 26 + 500 + 14
+"""MAIL with SIZE= (RFC 1870: 26 more), AUTH= (RFC 4954: 500 more), BODY=."""
+AUTH_LINE_LIMIT = 12288
+"""AUTH command lines and responses (RFC 4954 section 4)."""
+MAX_ERRORS = 20
+"""Protocol errors before the session is closed, as Postfix's hard limit."""
+
+_COMMANDS = {
+    b"HELO": "do_HELO",
+    b"EHLO": "do_EHLO",
+    b"MAIL": "do_MAIL",
+    b"RCPT": "do_RCPT",
+    b"DATA": "do_DATA",
+    b"RSET": "do_RSET",
+    b"NOOP": "do_NOOP",
+    b"QUIT": "do_QUIT",
+    b"HELP": "do_HELP",
+    b"VRFY": "do_VRFY",
+    b"EXPN": "do_EXPN",
+    b"STARTTLS": "ext_STARTTLS",
+    b"AUTH": "ext_AUTH",
+}
+_HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"}
+
+TLS_MODES = ("starttls", "implicit", "none")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """
+    What every session of one listener needs to know.
+    """
+
+    hostname: str
+    maxMessageSize: int = 26214400
+    maxRecipients: int = 100
+    idleTimeout: float = 300.0
+    maxLineLength: int = 1000
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    requireTLS: bool = True
+    tlsMode: str = "starttls"
+
+
+class ConnectionLimiter:
+    """
+    Counts open sessions across every listener, overall and per client
+    address.
+    """
+
+    def __init__(self, maxConnections: int, maxPerAddress: int) -> None:
+        self.maxConnections = maxConnections
+        self.maxPerAddress = maxPerAddress
+        self.total = 0
+        self.perAddress: Counter[str] = Counter()
+
+    def open(self, address: str) -> Reply | None:
+        """
+        Count a new session; return the 421 to give it if over a limit (it
+        still counts until L{close}).
+        """
+        self.total += 1
+        self.perAddress[address] += 1
+        if self.total > self.maxConnections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.perAddress[address] > self.maxPerAddress:
+            return replies.TOO_MANY_FROM_ADDRESS
+        return None
+
+    def close(self, address: str) -> None:
+        self.total -= 1
+        self.perAddress[address] -= 1
+        if self.perAddress[address] <= 0:
+            del self.perAddress[address]
+
+
+def peerHost(transport: Any) -> str:
+    """
+    The client's address as text (a UNIX socket peer gives its repr).
+    """
+    peer = transport.getPeer()
+    return str(getattr(peer, "host", peer))
+
+
+def tlsInfo(transport: Any) -> TLSInfo | None:
+    """
+    The negotiated TLS version and cipher of C{transport}, if it is TLS.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        connection = cast(Any, transport).getHandle()  # OpenSSL.SSL.Connection
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+        bits = connection.get_cipher_bits()
+    except Exception:
+        return TLSInfo("TLS", "unknown")
+    return TLSInfo(version or "TLS", cipher or "unknown", bits)
+
+
+class RelayESMTP(smtp.ESMTP):
+    """
+    One SMTP session; see the module docstring.
+    """
+
+    transport: Any
+
+    def __init__(self, factory: RelayServerFactory) -> None:
+        smtp.ESMTP.__init__(self, contextFactory=factory.contextFactory)
+        self.factory = factory
+        self.settings: SessionSettings = factory.settings
+        self.host = self.settings.hostname.encode("idna")
+        self.clock = factory.clock
+        self._buffer = b""
+        self._mode = "command"
+        self._busy = False
+        self._processing = False
+        self._discardingLine = False
+        self._inLongDataLine = False
+        self._heloName: str | None = None
+        self._esmtp = False
+        self._secure = self.settings.tlsMode == "implicit"
+        self._submitter: Submitter | None = None
+        self._mail: MailFrom | None = None
+        self._recipients: list[str] = []
+        self._intake: MessageIntake | None = None
+        self._mechanism: Plain | Login | None = None
+        self._errors = 0
+        self._counted = False
+        self._peer = ""
+        self._started = 0.0
+        self._accepted = 0
+        self._authUserTried: str | None = None
+
+    # -- connection -----------------------------------------------------
+
+    def callLater(self, period: float, func: Any) -> Any:
+        """
+        L{policies.TimeoutMixin} schedules on the injected clock.
+        """
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self._peer = peerHost(self.transport)
+        self._started = self.clock.seconds()
+        refusal = self.factory.limiter.open(self._peer)
+        self._counted = True
+        if refusal is not None:
+            log.info(
+                "refused connection from {peer}: {reason}",
+                peer=self._peer,
+                reason=refusal.text,
+            )
+            self.reply(refusal)
+            self.transport.loseConnection()
+            return
+        self.canStartTLS = self.settings.tlsMode == "starttls" and self.ctx is not None
+        self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpauth-relay"))
+        self.setTimeout(self.settings.idleTimeout)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._intake is not None:
+            self._intake.abort()
+            self._intake = None
+        if self._counted:
+            self._counted = False
+            self.factory.limiter.close(self._peer)
+        self.setTimeout(None)
+        log.info(
+            "connection from {peer} closed after {duration:.1f}s: tls={tls} "
+            "user={user} accepted={accepted} errors={errors}",
+            peer=self._peer,
+            duration=self.clock.seconds() - self._started,
+            tls=self._secure,
+            user=self._submitter.username if self._submitter else None,
+            accepted=self._accepted,
+            errors=self._errors,
+        )
+
+    def timeoutConnection(self) -> None:
+        log.info("idle timeout for {peer}", peer=self._peer)
+        self.reply(replies.IDLE_TIMEOUT)
+        self.transport.loseConnection()
+
+    def reply(self, reply: Reply, **fields: str) -> None:
+        """
+        Send C{reply}, filling C{{name}} fields of its text from C{fields}.
+        """
+        if fields:
+            reply = reply.withText(reply.text.format(**fields))
+        self.transport.writeSequence(
+            [part for line in reply.lines() for part in (line, b"\r\n")]
+        )
+
+    def _error(self, reply: Reply) -> None:
+        """
+        Send an error reply, and close the session after too many.
+        """
+        self._errors += 1
+        self.reply(reply)
+        if self._errors >= MAX_ERRORS:
+            log.info("too many errors from {peer}", peer=self._peer)
+            self.reply(replies.TOO_MANY_ERRORS)
+            self.transport.loseConnection()
+
+    # -- input ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._secure and not self._buffer and data[:2] == b"\x16\x03":
+            log.info("TLS handshake on a plain port from {peer}", peer=self._peer)
+            self.transport.loseConnection()
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._processBuffer()
+
+    def _processBuffer(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._busy and not self.transport.disconnecting:
+                if self._mode == "data":
+                    if not self._dataStep():
+                        break
+                elif not self._commandStep():
+                    break
+        finally:
+            self._processing = False
+
+    def _commandStep(self) -> bool:
+        """
+        Take one command line (or AUTH response) from the buffer.
+
+        @return: whether a line was consumed.
+        """
+        end = self._buffer.find(b"\n")
+        if end == -1:
+            if len(self._buffer) > AUTH_LINE_LIMIT:
+                self._buffer = b""
+                if not self._discardingLine:
+                    self._discardingLine = True
+                    self._lineTooLong()
+            return False
+        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        if self._discardingLine:
+            self._discardingLine = False
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) + 2 > self._lineLimit(line):
+            self._lineTooLong()
+            return True
+        if self._mode == "auth":
+            self._authResponse(line)
+        else:
+            self._command(line)
+        return True
+
+    def _lineLimit(self, line: bytes) -> int:
+        if self._mode == "auth":
+            return AUTH_LINE_LIMIT
+        verb = line[:5].upper()
+        if verb.startswith(b"AUTH"):
+            return AUTH_LINE_LIMIT
+        if verb.startswith(b"MAIL"):
+            return MAIL_LINE_LIMIT
+        return COMMAND_LINE_LIMIT
+
+    def _lineTooLong(self) -> None:
+        if self._mode == "auth":
+            self._mode = "command"
+            self._mechanism = None
+        self._error(replies.LINE_TOO_LONG)
+
+    def _command(self, line: bytes) -> None:
+        parts = line.strip().split(None, 1)
+        if not parts:
+            self._error(replies.SYNTAX)
+            return
+        verb = parts[0].upper()
+        rest = parts[1] if len(parts) == 2 else b""
+        if verb in _HTTP_VERBS and self._heloName is None:
+            log.info("HTTP request on SMTP port from {peer}", peer=self._peer)
+            self.transport.loseConnection()
+            return
+        method = self.lookupMethod(verb)
+        if method is None:
+            self._error(replies.UNKNOWN_COMMAND)
+            return
+        result = method(rest)
+        if isinstance(result, Deferred):
+            self._wait(result)
+
+    def lookupMethod(self, command: bytes | str) -> Any:
+        """
+        The handler of C{command}, from a fixed table: never some other
+        C{do_*} method Twisted's classes happen to define.
+        """
+        if isinstance(command, str):
+            command = command.encode("ascii", "replace")
+        name = _COMMANDS.get(command.upper())
+        return getattr(self, name) if name else None
+
+    def _wait(self, d: Deferred[Any]) -> None:
+        """
+        Hold further input until C{d} has fired (its callbacks reply).
+        """
+        self._busy = True
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+
+        def done(result: object) -> None:
+            self._busy = False
+            if self.transport.disconnecting:
+                return
+            self.setTimeout(self.settings.idleTimeout)
+            self.transport.resumeProducing()
+            self._processBuffer()
+
+        d.addErrback(self._unexpected)
+        d.addBoth(done)
+
+    def _unexpected(self, failure: Failure) -> None:
+        log.failure("unexpected error for {peer}", failure, peer=self._peer)
+        self.reply(replies.SPOOL_FAILED)
+
+    # -- session commands ---------------------------------------------------
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=False)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=True)
+
+    def _greet(self, rest: bytes, esmtp: bool) -> None:
+        if not rest.strip():
+            self._error(replies.SYNTAX)
+            return
+        self._heloName = sanitiseHelo(rest)
+        self._esmtp = esmtp
+        self._resetTransaction()
+        text = f"{self.settings.hostname} Hello {self._heloName} [{self._peer}]"
+        if esmtp:
+            text += "\n" + "\n".join(self._extensionLines())
+        self.reply(Reply(250, None, text))
+
+    def _authAvailable(self) -> bool:
+        return bool(self.settings.mechanisms) and bool(self.factory.portal.checkers)
+
+    def _extensionLines(self) -> list[str]:
+        lines = [
+            "PIPELINING",
+            f"SIZE {self.settings.maxMessageSize}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.canStartTLS and not self._secure:
+            lines.append("STARTTLS")
+        if self._authAvailable() and (self._secure or not self.settings.requireTLS):
+            lines.append("AUTH " + " ".join(self.settings.mechanisms))
+        return lines
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """
+        What EHLO advertises, in Twisted's format (kept for API users).
+        """
+        result: dict[bytes, list[bytes] | None] = {}
+        for line in self._extensionLines():
+            name, _, arg = line.partition(" ")
+            result[name.encode()] = arg.encode().split() if arg else None
+        return result
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.reply(replies.OK)
+
+    def do_HELP(self, rest: bytes) -> None:
+        self.reply(replies.HELP)
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self.reply(replies.VRFY)
+
+    def do_EXPN(self, rest: bytes) -> None:
+        self.reply(replies.EXPN)
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.reply(replies.BYE)
+        self.transport.loseConnection()
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._resetTransaction()
+        self.reply(replies.OK)
+
+    def _resetTransaction(self) -> None:
+        self._mail = None
+        self._recipients = []
+
+    # -- STARTTLS -----------------------------------------------------------
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if rest.strip():
+            self._error(replies.SYNTAX)
+        elif self._secure:
+            self._error(replies.TLS_ALREADY)
+        elif not self.canStartTLS:
+            self._error(replies.NOT_IMPLEMENTED)
+        else:
+            self.reply(replies.START_TLS)
+            # RFC 3207: anything the client sent after STARTTLS in the same
+            # packet was sent in the clear, before the handshake: drop it,
+            # and forget all the client told us.
+            self._buffer = b""
+            self._heloName = None
+            self._esmtp = False
+            self._submitter = None
+            self._resetTransaction()
+            self.transport.startTLS(self.ctx)
+            self._secure = True
+            self.startedTLS = True
+
+    # -- AUTH -----------------------------------------------------------------
+
+    def ext_AUTH(self, rest: bytes) -> Deferred[Submitter] | None:
+        if not self._authAvailable():
+            self._error(replies.AUTH_NOT_AVAILABLE)
+            return None
+        if self.settings.requireTLS and not self._secure:
+            self._error(replies.AUTH_NEEDS_TLS)
+            return None
+        if self._heloName is None:
+            self._error(replies.HELO_FIRST)
+            return None
+        if self._submitter is not None:
+            self._error(replies.AUTH_ALREADY)
+            return None
+        if self._mail is not None:
+            self._error(replies.AUTH_IN_TRANSACTION)
+            return None
+        parts = rest.split()
+        if not parts or len(parts) > 2:
+            self._error(replies.SYNTAX)
+            return None
+        name = parts[0].upper().decode("ascii", "replace")
+        if name not in self.settings.mechanisms or name not in MECHANISMS:
+            self._error(replies.AUTH_UNKNOWN_MECHANISM)
+            return None
+        self._mechanism = MECHANISMS[name]()
+        if len(parts) == 2:
+            initial = b"" if parts[1] == b"=" else parts[1]
+            return self._authStep(initial, encoded=parts[1] != b"=")
+        self._mode = "auth"
+        self.reply(
+            Reply(334, None, base64.b64encode(self._mechanism.challenge()).decode())
+        )
+        return None
+
+    def _authResponse(self, line: bytes) -> None:
+        if line.strip() == b"*":
+            self._endAuth()
+            self._error(replies.AUTH_ABORTED)
+            return
+        result = self._authStep(line.strip(), encoded=True)
+        if result is not None:
+            self._wait(result)
+
+    def _endAuth(self) -> None:
+        self._mode = "command"
+        self._mechanism = None
+
+    def _authStep(self, data: bytes, encoded: bool) -> Deferred[Submitter] | None:
+        assert self._mechanism is not None
+        mechanism = self._mechanism
+        if encoded:
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                self._endAuth()
+                self._error(replies.AUTH_BAD_BASE64)
+                return None
+        try:
+            step = mechanism.respond(data)
+        except MechanismError:
+            self._endAuth()
+            self._error(replies.AUTH_BAD_BASE64)
+            return None
+        except AuthorizationRefused:
+            self._endAuth()
+            self._authFailed(mechanism.name, "authorization identity refused", None)
+            return None
+        if isinstance(step, bytes):
+            self._mode = "auth"
+            self.reply(Reply(334, None, base64.b64encode(step).decode()))
+            return None
+        self._endAuth()
+        username = step.username.decode("utf-8", "replace")
+        context = LoginContext(mechanism.name, self._secure)
+        d = login(self.factory.portal, step, context)
+        d.addCallbacks(
+            self._authSucceeded,
+            self._authError,
+            errbackArgs=(mechanism.name, username),
+        )
+        return d
+
+    def _authSucceeded(self, submitter: Submitter) -> None:
+        self._submitter = submitter
+        log.info(
+            "AUTH {mechanism} ok for {user} from {peer}",
+            mechanism=submitter.mechanism,
+            user=submitter.username,
+            peer=self._peer,
+            result="success",
+        )
+        self.reply(replies.AUTH_OK)
+
+    def _authError(self, failure: Failure, mechanism: str, username: str) -> None:
+        if failure.check(CheckerUnavailable, UnhandledCredentials):
+            log.warn(
+                "AUTH {mechanism} for {user} from {peer}: checker unavailable",
+                mechanism=mechanism,
+                user=username,
+                peer=self._peer,
+                result="unavailable",
+            )
+            self.reply(replies.AUTH_UNAVAILABLE)
+        elif failure.check(UnauthorizedLogin):
+            self._authFailed(mechanism, "bad credentials", username)
+        else:
+            log.failure("AUTH failed unexpectedly", failure)
+            self.reply(replies.AUTH_UNAVAILABLE)
+
+    def _authFailed(self, mechanism: str, why: str, username: str | None) -> None:
+        log.info(
+            "AUTH {mechanism} failed for {user} from {peer}: {why}",
+            mechanism=mechanism,
+            user=username,
+            peer=self._peer,
+            why=why,
+            result="failure",
+        )
+        self._error(replies.AUTH_FAILED)
+
+    # -- mail transaction -------------------------------------------------
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self._heloName is None:
+            self._error(replies.HELO_FIRST)
+            return
+        if self._mail is not None:
+            self._error(replies.NESTED_MAIL)
+            return
+        try:
+            mail = parseMailFrom(rest)
+        except PathSyntaxError as e:
+            self._error(
+                replies.BAD_SENDER_SYNTAX.withText(f"Bad sender address syntax: {e}")
+            )
+            return
+        except ParameterError as e:
+            self._error(self._parameterReply(e))
+            return
+        if mail.size is not None and mail.size > self.settings.maxMessageSize:
+            self.reply(replies.TOO_BIG)
+            return
+        user = self._submitter.username if self._submitter else None
+        if not self.factory.policy.mayRelay(self._peer, user):
+            self._error(replies.AUTH_REQUIRED)
+            return
+        self._mail = mail
+        self._recipients = []
+        self.reply(replies.SENDER_OK)
+
+    def _parameterReply(self, e: ParameterError) -> Reply:
+        base = replies.UNKNOWN_PARAMETER if e.unknown else replies.SYNTAX
+        return base.withText(str(e))
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if self._mail is None:
+            self._error(replies.NEED_MAIL)
+            return
+        try:
+            recipient = parseRcptTo(rest)
+        except PathSyntaxError as e:
+            self._error(
+                replies.BAD_RECIPIENT_SYNTAX.withText(
+                    f"Bad recipient address syntax: {e}"
+                )
+            )
+            return
+        except ParameterError as e:
+            self._error(self._parameterReply(e))
+            return
+        user = self._submitter.username if self._submitter else None
+        if not self.factory.policy.mayRelay(self._peer, user):
+            self._error(Reply(554, "5.7.1", "Relay access denied"))
+            return
+        if len(self._recipients) >= self.settings.maxRecipients:
+            self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        self._recipients.append(recipient)
+        self.reply(replies.RECIPIENT_OK)
+
+    def do_DATA(self, rest: bytes) -> None:
+        if rest.strip():
+            self._error(replies.SYNTAX)
+            return
+        if self._mail is None:
+            self._error(replies.BAD_SEQUENCE.withText("Need MAIL command"))
+            return
+        if not self._recipients:
+            self._error(replies.NO_VALID_RECIPIENTS)
+            return
+        writer = self.factory.spool.newMessage()
+        header = receivedHeader(
+            helo=self._heloName or "unknown",
+            peerHost=self._peer,
+            reverseName=None,
+            byHost=self.settings.hostname,
+            esmtp=self._esmtp,
+            tls=tlsInfo(self.transport) if self._secure else None,
+            authenticated=self._submitter is not None,
+            queueId=writer.queueId,
+            recipients=tuple(self._recipients),
+            when=self.clock.seconds(),
+        )
+        self._intake = MessageIntake(
+            writer,
+            header,
+            maxSize=self.settings.maxMessageSize,
+            maxLineLength=self.settings.maxLineLength,
+        )
+        self._mode = "data"
+        self.reply(replies.START_DATA)
+
+    def _dataStep(self) -> bool:
+        """
+        Take one line of DATA from the buffer; only CRLF ends a line.
+
+        @return: whether a line was consumed.
+        """
+        intake = self._intake
+        assert intake is not None
+        end = self._buffer.find(b"\r\n")
+        if end == -1:
+            if len(self._buffer) > self.settings.maxLineLength:
+                # Keep the last octet: it may be the CR of the CRLF that
+                # ends this overlong line.
+                self._buffer = self._buffer[-1:]
+                self._inLongDataLine = True
+                intake.overlongLine()
+            return False
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        if self._inLongDataLine:
+            self._inLongDataLine = False
+            return True
+        if line == b".":
+            self._endData(intake)
+        else:
+            intake.lineReceived(line)
+        return True
+
+    def _endData(self, intake: MessageIntake) -> None:
+        self._mode = "command"
+        self._intake = None
+        mail = self._mail
+        assert mail is not None
+        recipients = tuple(self._recipients)
+        self._resetTransaction()
+        user = self._submitter.username if self._submitter else None
+        envelope = Envelope(
+            queueId=intake.queueId,
+            sender=mail.sender,
+            recipients=recipients,
+            auth=self.factory.policy.envelopeAuth(self._peer, user, mail.auth),
+            authUser=user,
+            clientAddress=self._peer,
+            helo=self._heloName or "",
+            receivedAt=self.clock.seconds(),
+            size=intake.size,
+            body="8BITMIME" if intake.eightBit or mail.body == "8BITMIME" else "7BIT",
+        )
+        result = intake.finish(envelope)
+        if isinstance(result, Reply):
+            log.info(
+                "message from {peer} refused: {code} {enhanced} {text}",
+                peer=self._peer,
+                code=result.code,
+                enhanced=result.enhanced,
+                text=result.text,
+            )
+            self._error(result)
+            return
+        result.addCallbacks(self._queued, self._spoolFailed, callbackArgs=(envelope,))
+        self._wait(result)
+
+    def _queued(self, queueId: str, envelope: Envelope) -> None:
+        self._accepted += 1
+        log.info(
+            "accepted {queueId} from {peer}: size={size} sender=<{sender}> "
+            "recipients={recipientCount} user={user}",
+            queueId=queueId,
+            peer=self._peer,
+            size=envelope.size,
+            sender=envelope.sender,
+            recipientCount=len(envelope.recipients),
+            user=envelope.authUser,
+        )
+        self.reply(replies.QUEUED, queueId=queueId)
+
+    def _spoolFailed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, SpoolError) and error.insufficientStorage:
+            log.error("spool full: {error}", error=failure.getErrorMessage())
+            self.reply(replies.SPOOL_FULL)
+        else:
+            log.failure("could not spool message from {peer}", failure, peer=self._peer)
+            self.reply(replies.SPOOL_FAILED)
+
+
+class RelayServerFactory(protocol.ServerFactory):
+    """
+    Builds L{RelayESMTP} sessions for one listener.
+    """
+
+    protocol = RelayESMTP
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        spool: ISpool,
+        policy: RelayPolicy,
+        limiter: ConnectionLimiter,
+        clock: Any,
+        contextFactory: Any = None,
+    ) -> None:
+        if settings.tlsMode not in TLS_MODES:
+            raise ValueError(f"bad TLS mode {settings.tlsMode!r}")
+        self.settings = settings
+        self.portal = portal
+        self.spool = spool
+        self.policy = policy
+        self.limiter = limiter
+        self.clock = clock
+        self.contextFactory = contextFactory
+
+    def buildProtocol(self, addr: Any) -> RelayESMTP:
+        p = RelayESMTP(self)
+        return p

@@ -1,0 +1,119 @@
+"""
+Message intake: the lines of one C{DATA} go to one spool writer.
+
+Twisted's SMTP server makes one L{twisted.mail.smtp.IMessage} per recipient and
+feeds each every line; this relay keeps one writer per transaction, however
+many recipients, and decides here, line by line, whether the message can be
+accepted at all:
+
+  - a line longer than C{max_line_length} (with its CRLF) fails the message
+    with 554 5.6.0; it is never split or truncated;
+  - a bare CR or LF inside a line fails it with 550 5.6.11 (SMTP smuggling:
+    the relay never passes on a line ending a lenient next hop could read as
+    the end of the message);
+  - more octets than C{max_message_size} fail it with 552 5.3.4.
+
+Once failed, nothing more is written and the spool file is thrown away; the
+protocol reports the failure after the final dot, and the session goes on.
+The spool receives LF-terminated, un-stuffed lines (what Twisted's ESMTP
+client and a Maildir expect).
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet.defer import Deferred
+
+from smtpauth_relay import replies
+from smtpauth_relay.envelope import Envelope
+from smtpauth_relay.interfaces import ISpoolWriter
+from smtpauth_relay.replies import Reply
+
+_HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+
+
+class MessageIntake:
+    """
+    Collects one message for the spool.
+
+    @ivar error: the reply that refuses the message, once it has failed.
+    @ivar size: octets received so far, counted as on the wire without the
+        dot-stuffing (each line plus CRLF), as RFC 1870 counts.
+    @ivar eightBit: whether any octet above 127 was seen.
+    """
+
+    def __init__(
+        self,
+        writer: ISpoolWriter,
+        receivedHeader: bytes,
+        maxSize: int,
+        maxLineLength: int,
+    ) -> None:
+        self.writer = writer
+        self.maxSize = maxSize
+        self.maxLineLength = maxLineLength
+        self.error: Reply | None = None
+        self.size = 0
+        self.eightBit = False
+        self._firstLine = True
+        writer.write(receivedHeader)
+
+    @property
+    def queueId(self) -> str:
+        return str(self.writer.queueId)
+
+    def _fail(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+            self.writer.abort()
+
+    def overlongLine(self) -> None:
+        """
+        The protocol discarded a line longer than its buffer allows.
+        """
+        self._fail(replies.DATA_LINE_TOO_LONG)
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        One line of C{DATA} as received: CRLF removed, still dot-stuffed.
+        """
+        if self.error is not None:
+            return
+        if len(line) + 2 > self.maxLineLength:
+            self._fail(replies.DATA_LINE_TOO_LONG)
+            return
+        if b"\r" in line or b"\n" in line:
+            self._fail(replies.BARE_LINE_ENDING)
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        self.size += len(line) + 2
+        if self.size > self.maxSize:
+            self._fail(replies.TOO_BIG)
+            return
+        if not self.eightBit and not line.isascii():
+            self.eightBit = True
+        if self._firstLine:
+            self._firstLine = False
+            # A message that starts with body text (no header fields) needs
+            # the blank line that ends the header section, or its first line
+            # would become part of our Received header.
+            if line and not _HEADER_FIELD.match(line):
+                self.writer.write(b"\n")
+        self.writer.write(line + b"\n")
+
+    def finish(self, envelope: Envelope) -> Deferred[str] | Reply:
+        """
+        The final dot arrived: commit to the spool, or return the reply that
+        refuses the message.
+        """
+        if self.error is not None:
+            return self.error
+        return self.writer.commit(envelope)
+
+    def abort(self) -> None:
+        """
+        The session ended before the final dot.
+        """
+        self._fail(replies.SPOOL_FAILED)

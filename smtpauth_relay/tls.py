@@ -1,0 +1,116 @@
+"""
+TLS for the listeners: the server context from PEM files, the minimum
+protocol version, and a self-signed certificate for first runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+
+VERSIONS = {
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def loadCertificates(certificatePath: str) -> list[x509.Certificate]:
+    """
+    Every certificate in a PEM file: the server's first, then its chain.
+
+    @raise ValueError: if there is none.
+    """
+    with open(certificatePath, "rb") as f:
+        pem = f.read()
+    certs = [x509.load_pem_x509_certificate(block) for block in _PEM_CERT.findall(pem)]
+    if not certs:
+        raise ValueError(f"no PEM certificate in {certificatePath}")
+    return certs
+
+
+def serverContextFactory(
+    certificatePath: str, privateKeyPath: str, minimumVersion: str = "TLSv1.2"
+) -> ssl.CertificateOptions:
+    """
+    The context factory for the listeners: the certificate and its chain
+    (C{fullchain.pem}), the private key, and no protocol below
+    C{minimumVersion}.
+
+    @raise ValueError: for unreadable files, a key that does not match the
+        certificate, or an unknown version.
+    """
+    if minimumVersion not in VERSIONS:
+        raise ValueError(f"unknown TLS version {minimumVersion!r}")
+    certs = loadCertificates(certificatePath)
+    with open(privateKeyPath, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != certs[0].public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ValueError(
+            f"private key {privateKeyPath} does not match certificate {certificatePath}"
+        )
+    # pyOpenSSL takes cryptography's objects directly (its own X509/PKey
+    # wrappers are deprecated); Twisted's annotations still name the old ones.
+    return ssl.CertificateOptions(
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=certs[0],  # type: ignore[arg-type]
+        extraCertChain=certs[1:],  # type: ignore[arg-type]
+        raiseMinimumTo=VERSIONS[minimumVersion],
+    )
+
+
+def generateSelfSigned(
+    certificatePath: str, privateKeyPath: str, hostname: str, days: int = 825
+) -> None:
+    """
+    Write a new self-signed certificate for C{hostname} (and C{localhost},
+    127.0.0.1, ::1) and its private key (mode 0600).
+    """
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    altNames: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname != "localhost":
+        altNames.append(x509.DNSName("localhost"))
+    altNames += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(altNames), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    keyPem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(privateKeyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyPem)
+    with open(certificatePath, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))

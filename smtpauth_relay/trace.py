@@ -1,0 +1,90 @@
+"""
+The C{Received} trace header (RFC 5321 section 4.4) with the RFC 3848
+C{with} keywords: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA (both).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from smtpauth_relay.policy import clientAddress
+
+_HELO_SAFE = re.compile(rb"[^A-Za-z0-9.\-_\[\]:]")
+MAX_HELO = 255
+
+
+def sanitiseHelo(helo: bytes) -> str:
+    """
+    Make a HELO/EHLO argument safe to put in a header: only the characters of
+    domain names and address literals survive (anything else, including CR,
+    LF, parentheses and non-ASCII, becomes C{_}), at most 255 of them.
+    """
+    return _HELO_SAFE.sub(b"_", helo.strip()[:MAX_HELO]).decode("ascii") or "unknown"
+
+
+def addressLiteral(host: str) -> str:
+    """
+    The RFC 5321 address literal for a peer: C{[192.0.2.1]} or
+    C{[IPv6:2001:db8::1]}; a non-IP peer (UNIX socket) gives C{[UNIX]}.
+    """
+    address = clientAddress(host)
+    if address is None:
+        return "[UNIX]"
+    if address.version == 6:
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
+def withKeyword(tls: bool, authenticated: bool) -> str:
+    """
+    The RFC 3848 protocol keyword.
+    """
+    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """
+    What the C{Received} header says of the TLS session.
+    """
+
+    version: str
+    cipher: str
+    bits: int | None = None
+
+    def comment(self) -> str:
+        bits = f" ({self.bits}/{self.bits} bits)" if self.bits else ""
+        return f"(using {self.version} with cipher {self.cipher}{bits})"
+
+
+def receivedHeader(
+    *,
+    helo: str,
+    peerHost: str,
+    reverseName: str | None,
+    byHost: str,
+    esmtp: bool,
+    tls: TLSInfo | None,
+    authenticated: bool,
+    queueId: str,
+    recipients: tuple[str, ...],
+    when: float,
+) -> bytes:
+    """
+    Build the C{Received} header, folded, LF-terminated lines.
+
+    The C{for} clause names the recipient only when there is exactly one, so
+    the header never discloses the other (possibly Bcc) recipients.
+    """
+    peer = addressLiteral(peerHost)
+    fromPart = f"{reverseName} {peer}" if reverseName else peer
+    lines = [f"Received: from {helo} ({fromPart})"]
+    if tls is not None:
+        lines.append(f"\t{tls.comment()}")
+    protocol = withKeyword(tls is not None, authenticated) if esmtp else "SMTP"
+    lines.append(f"\tby {byHost} (smtpauth-relay) with {protocol} id {queueId}")
+    forPart = f"for <{recipients[0]}>; " if len(recipients) == 1 else ""
+    lines.append(f"\t{forPart}{formatdate(when, localtime=True)}")
+    return ("\n".join(lines) + "\n").encode("ascii", "replace")
