@@ -1,0 +1,69 @@
+"""
+The C{smtpauth-relay} console command: C{check-config}, C{passwd}, C{demo}.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+USAGE = """\
+usage: smtpauth-relay COMMAND [ARGS]
+
+commands:
+  check-config PATH     validate a configuration file (exit 0 if valid)
+  passwd FILE USER      add or replace USER in a password file (bcrypt)
+  demo [DIRECTORY]      run a demo relay on 127.0.0.1:2587/2465 (files in ./var)
+
+The relay itself runs under twistd:
+  twistd -n smtpauth-relay --config /etc/smtpauth-relay/relay.toml
+"""
+
+
+def _checkConfig(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.config import checkConfigCommand
+
+    return checkConfigCommand(argv, stdout, stderr)
+
+
+def _passwd(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.htpasswd import passwdCommand
+
+    return passwdCommand(argv, sys.stdin, stdout, stderr)
+
+
+def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.demo import demoCommand
+
+    return demoCommand(argv, stdout, stderr)
+
+
+COMMANDS: dict[str, Callable[[list[str], TextIO, TextIO], int]] = {
+    "check-config": _checkConfig,
+    "passwd": _passwd,
+    "demo": _demo,
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+) -> int:
+    """
+    Run the command named by C{argv[0]}; return the exit status.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        (stdout if args else stderr).write(USAGE)
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        stderr.write(f"smtpauth-relay: unknown command {args[0]!r}\n\n{USAGE}")
+        return 2
+    return command(args[1:], stdout, stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""
+Service wiring: from a validated L{Config} and a reactor to the running
+relay, one L{MultiService} holding every listener and the queue runner.
+
+Every listener is a Twisted server endpoint string, so C{systemd:} (socket
+activation), C{unix:} and C{tcp6:} need no code of ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.cred import strcred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from smtpauth_relay.auth import makePortal
+from smtpauth_relay.config import Config
+from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
+from smtpauth_relay.policy import RelayPolicy
+from smtpauth_relay.retry import QueueRunner
+from smtpauth_relay.server import (
+    ConnectionLimiter,
+    RelayServerFactory,
+    SessionSettings,
+)
+from smtpauth_relay.spool import Spool, reactorThreadRunner
+from smtpauth_relay.tls import serverContextFactory
+
+log = Logger()
+
+
+def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
+    """
+    The per-session settings of a listener with TLS mode C{tlsMode}.
+    """
+    server = config.server
+    return SessionSettings(
+        hostname=server.hostname,
+        maxMessageSize=server.max_message_size,
+        maxRecipients=server.max_recipients,
+        idleTimeout=server.idle_timeout,
+        maxLineLength=server.max_line_length,
+        mechanisms=config.auth.mechanisms,
+        requireTLS=config.auth.require_tls,
+        tlsMode=tlsMode,
+    )
+
+
+def makeRelayService(
+    config: Config,
+    reactor: Any,
+    extraCheckers: Sequence[ICredentialsChecker] = (),
+) -> MultiService:
+    """
+    Build the relay.  Blocking (it prepares the spool and reads the TLS
+    files), so call it before the reactor runs, as C{twistd} does.
+
+    @param extraCheckers: checkers from C{--auth}, asked after the
+        configuration's own, in order.
+    """
+    top = MultiService()
+    runInThread = reactorThreadRunner(reactor)
+
+    spool = Spool(config.queue.directory, runInThread, reactor)
+    spool.prepare()
+
+    checkers = [strcred.makeChecker(c) for c in config.auth.checkers]
+    checkers += list(extraCheckers)
+    portal = makePortal(checkers, reactor)
+    if not checkers:
+        log.warn("no credential checkers configured: AUTH is not offered")
+
+    policy = RelayPolicy(
+        trustedNetworks=config.relay.trusted_networks,
+        trustedRelays=config.relay.trusted_relays,
+    )
+    limiter = ConnectionLimiter(
+        config.server.max_connections, config.server.max_connections_per_ip
+    )
+    contextFactory = None
+    if config.tls.certificate and config.tls.private_key:
+        contextFactory = serverContextFactory(
+            config.tls.certificate, config.tls.private_key, config.tls.minimum_version
+        )
+
+    for listener in config.listeners:
+        factory: Any = RelayServerFactory(
+            sessionSettings(config, listener.tls),
+            portal,
+            spool,
+            policy,
+            limiter,
+            reactor,
+            contextFactory,
+        )
+        if listener.tls == "implicit":
+            factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+        # strports.service makes a listen failure (port in use) fail startup
+        # instead of being logged while the daemon runs deaf.
+        strports.service(listener.endpoint, factory, reactor).setServiceParent(top)
+        log.info(
+            "listening on {endpoint} (tls={tls})",
+            endpoint=listener.endpoint,
+            tls=listener.tls,
+        )
+
+    ensureMaildir(config.delivery.directory)
+    agent = MaildirDelivery(config.delivery.directory, runInThread, reactor)
+    QueueRunner(spool, agent, reactor).setServiceParent(top)
+    return top

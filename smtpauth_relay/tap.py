@@ -1,0 +1,54 @@
+"""
+The C{twistd smtpauth-relay} command line: options and C{makeService},
+nothing else (L{smtpauth_relay.service} builds the relay).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred import credentials, strcred
+from twisted.python import usage
+
+from smtpauth_relay.config import Config, loadConfig
+from smtpauth_relay.errors import ConfigError
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """
+    C{twistd smtpauth-relay --config PATH [--auth STRCRED ...]}
+    """
+
+    synopsis = "[--config PATH] [--auth CHECKER ...]"
+    longdesc = (
+        "Runs the smtpauth-relay submission gateway described by the TOML "
+        "file given with --config.  Each --auth adds a credential checker "
+        "(Twisted strcred syntax, e.g. htpasswd:/etc/smtpauth-relay/users) "
+        "after the ones in [auth] checkers."
+    )
+    supportedInterfaces = [credentials.IUsernamePassword]
+    optParameters = [
+        ["config", "c", None, "Path of the TOML configuration file (required)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config PATH is required")
+        try:
+            self["relayConfig"] = loadConfig(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(
+                "invalid configuration:\n" + "\n".join(e.problems)
+            ) from None
+
+
+def makeService(options: Options) -> Any:
+    """
+    Build the relay from parsed C{options}, on the global reactor.
+    """
+    from twisted.internet import reactor
+
+    from smtpauth_relay.service import makeRelayService
+
+    config: Config = options["relayConfig"]
+    return makeRelayService(config, reactor, options.get("credCheckers", []))
