@@ -99,6 +99,7 @@ def makeRelayService(
             contextFactory,
         )
         if listener.tls == "implicit":
+            assert contextFactory is not None, "config requires [tls] for TLS"
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
         # strports.service makes a listen failure (port in use) fail startup
         # instead of being logged while the daemon runs deaf.
