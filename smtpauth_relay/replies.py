@@ -33,7 +33,7 @@ class Reply:
             prefix = f"{self.code}{sep}"
             if self.enhanced is not None:
                 prefix += self.enhanced + " "
-            out.append((prefix + text).rstrip(" ").encode("utf-8"))
+            out.append((prefix + text).encode("utf-8"))
         return out
 
     def withText(self, text: str) -> Reply:

@@ -685,7 +685,7 @@ class RelayESMTP(smtp.ESMTP):
             reverseName=None,
             byHost=self.settings.hostname,
             esmtp=self._esmtp,
-            tls=tlsInfo(self.transport) if self._secure else None,
+            tls=self._tlsInfo(),
             authenticated=self._submitter is not None,
             queueId=writer.queueId,
             recipients=tuple(self._recipients),
@@ -699,6 +699,11 @@ class RelayESMTP(smtp.ESMTP):
         )
         self._mode = "data"
         self.reply(replies.START_DATA)
+
+    def _tlsInfo(self) -> TLSInfo | None:
+        if not self._secure:
+            return None
+        return tlsInfo(self.transport) or TLSInfo("TLS", "unknown")
 
     def _dataStep(self) -> bool:
         """

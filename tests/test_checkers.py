@@ -1,0 +1,549 @@
+"""
+Tests for L{smtpauth_relay.checkers} and the C{htpasswd} strcred plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.strcred import ICheckerFactory, findCheckerFactory, makeChecker
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import capturedLogs, formatEvent
+from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from smtpauth_relay.checkers import HtpasswdChecker
+from smtpauth_relay.errors import CheckerUnavailable, UnknownUser
+from smtpauth_relay.passwords import dummyHash, hashPassword, verifyPassword
+
+ALICE_PASSWORD = b"alice's secret"
+BOB_PASSWORD = b"bob's secret"
+# openssl passwd -6 -salt saltsalt secret
+CAROL_SHA512 = (
+    "$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8w"
+    "iOQSpT0Y77vwPZN.Pq.H91p5hVO1"
+)
+# PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("secret")
+DAVE_ARGON2ID = (
+    "$argon2id$v=19$m=8,t=1,p=1$C5Xsp6qxbwXhEc5cR9n74w"
+    "$3rAnmPZGr27Cg210qG+QbUn+Oll/fxYEqJkBE29ZpGc"
+)
+
+
+@implementer(IUsernamePassword)
+class TextCredentials:
+    """
+    Username/password credentials holding text, as some callers make.
+    """
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+
+    def checkPassword(self, password: bytes) -> bool:
+        return password == self.password.encode()
+
+
+class SynchronousThreadSpy:
+    """
+    A C{runInThread} that runs the call at once, in this thread, and records
+    it.
+
+    @ivar calls: C{(f, args)} for each call, in order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        self.calls.append((f, args))
+        return maybeDeferred(f, *args)
+
+
+class PendingThreadSpy:
+    """
+    A C{runInThread} whose Deferreds the test fires itself, as the thread
+    pool would when the work is done.
+
+    @ivar calls: C{(f, args, deferred)} for each call, in order.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]]
+        self.calls = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def finish(self) -> None:
+        """
+        Run every pending call and fire its Deferred with the result.
+        """
+        calls, self.calls = self.calls, []
+        for f, args, d in calls:
+            d.callback(f(*args))
+
+
+class FakeThreadPool:
+    """
+    Runs C{callInThreadWithCallback} calls at once, recording the functions.
+    """
+
+    def __init__(self) -> None:
+        self.functions: list[Callable[..., Any]] = []
+
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, Any], None],
+        f: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.functions.append(f)
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class FakeThreadsReactor:
+    """
+    The parts of a reactor that C{deferToThreadPool} uses.
+    """
+
+    def __init__(self) -> None:
+        self.threadPool = FakeThreadPool()
+        self.fromThread = 0
+
+    def getThreadPool(self) -> FakeThreadPool:
+        return self.threadPool
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        self.fromThread += 1
+        f(*args, **kw)
+
+
+class HtpasswdCheckerTests(SynchronousTestCase):
+    """
+    Tests for L{HtpasswdChecker}.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "users")
+        self.aliceHash = hashPassword(ALICE_PASSWORD, rounds=4)
+        self.bobHash = hashPassword(BOB_PASSWORD, rounds=4)
+        self.writeUsers(
+            f"# test users\n"
+            f"alice:{self.aliceHash}\n"
+            f"carol:{CAROL_SHA512}\n"
+            f"dave:{DAVE_ARGON2ID}\n"
+        )
+        self.spy = SynchronousThreadSpy()
+        self.checker = self.makeChecker()
+
+    def makeChecker(self, **kwargs: Any) -> HtpasswdChecker:
+        kwargs.setdefault("runInThread", self.spy)
+        kwargs.setdefault("dummyHash", dummyHash(rounds=4))
+        return HtpasswdChecker(self.path, **kwargs)
+
+    def writeUsers(self, text: str) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def login(self, username: bytes, password: bytes) -> Deferred[str]:
+        return self.checker.requestAvatarId(UsernamePassword(username, password))
+
+    def assertRejected(self, d: Deferred[str], unknown: bool) -> Failure:
+        """
+        C{d} failed with L{UnknownUser} if C{unknown}, else with a plain
+        L{UnauthorizedLogin}.
+        """
+        failure = self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(failure.check(UnknownUser) is not None, unknown)
+        return failure
+
+    def test_interface(self) -> None:
+        """
+        The checker provides L{ICredentialsChecker} for username/password
+        credentials.
+        """
+        self.assertTrue(verifyObject(ICredentialsChecker, self.checker))
+        self.assertEqual(
+            [i.__name__ for i in self.checker.credentialInterfaces],
+            ["IUsernamePassword"],
+        )
+
+    def test_bcrypt(self) -> None:
+        """
+        The right password for a bcrypt user gives the user name, as text; the
+        hash was verified through C{runInThread}.
+        """
+        result = self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        self.assertEqual(result, "alice")
+        self.assertIsInstance(result, str)
+        self.assertEqual(
+            self.spy.calls, [(verifyPassword, (ALICE_PASSWORD, self.aliceHash))]
+        )
+
+    def test_sha512Crypt(self) -> None:
+        """
+        sha512-crypt users log in with the right password and not a wrong one.
+        """
+        self.assertEqual(self.successResultOf(self.login(b"carol", b"secret")), "carol")
+        self.assertRejected(self.login(b"carol", b"secreT"), unknown=False)
+
+    def test_argon2id(self) -> None:
+        """
+        argon2id users log in with the right password and not a wrong one.
+        """
+        self.assertEqual(self.successResultOf(self.login(b"dave", b"secret")), "dave")
+        self.assertRejected(self.login(b"dave", b"Secret"), unknown=False)
+
+    def test_textCredentials(self) -> None:
+        """
+        Credentials holding text rather than bytes work too.
+        """
+        credentials = TextCredentials("alice", ALICE_PASSWORD.decode())
+        d = self.checker.requestAvatarId(credentials)
+        self.assertEqual(self.successResultOf(d), "alice")
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password is L{UnauthorizedLogin}, not L{UnknownUser}: the
+        user exists, and the next checker must not be asked.
+        """
+        self.assertRejected(self.login(b"alice", BOB_PASSWORD), unknown=False)
+        self.assertEqual(
+            self.spy.calls, [(verifyPassword, (BOB_PASSWORD, self.aliceHash))]
+        )
+
+    def test_unknownUser(self) -> None:
+        """
+        An unknown user costs a verification against the dummy hash, in the
+        thread, before L{UnknownUser}.
+        """
+        self.assertRejected(self.login(b"mallory", b"guess"), unknown=True)
+        self.assertEqual(
+            self.spy.calls, [(verifyPassword, (b"guess", self.checker.dummyHash))]
+        )
+
+    def test_unknownUserWaitsForHash(self) -> None:
+        """
+        The answer for an unknown user comes only once the dummy verification
+        has finished in the thread, just as for a wrong password.
+        """
+        spy = PendingThreadSpy()
+        self.checker = self.makeChecker(runInThread=spy)
+        unknown = self.login(b"mallory", b"guess")
+        wrong = self.login(b"alice", b"guess")
+        self.assertNoResult(unknown)
+        self.assertNoResult(wrong)
+        self.assertEqual(
+            [(f, args) for f, args, _ in spy.calls],
+            [
+                (verifyPassword, (b"guess", self.checker.dummyHash)),
+                (verifyPassword, (b"guess", self.aliceHash)),
+            ],
+        )
+        spy.finish()
+        self.assertRejected(unknown, unknown=True)
+        self.assertRejected(wrong, unknown=False)
+
+    def test_caseSensitive(self) -> None:
+        """
+        User names are compared exactly: C{Alice} is not C{alice}.
+        """
+        self.assertRejected(self.login(b"Alice", ALICE_PASSWORD), unknown=True)
+        self.assertRejected(self.login(b"alice ", ALICE_PASSWORD), unknown=True)
+
+    def test_utf8Username(self) -> None:
+        """
+        User names are UTF-8.
+        """
+        self.writeUsers(f"j\u00fcrgen:{self.aliceHash}\n")
+        d = self.login("j\u00fcrgen".encode(), ALICE_PASSWORD)
+        self.assertEqual(self.successResultOf(d), "j\u00fcrgen")
+
+    def test_undecodableUsername(self) -> None:
+        """
+        A user name that is not UTF-8 costs the dummy verification and is
+        L{UnauthorizedLogin}.
+        """
+        self.assertRejected(self.login(b"alic\xe9", b"guess"), unknown=False)
+        self.assertEqual(
+            self.spy.calls, [(verifyPassword, (b"guess", self.checker.dummyHash))]
+        )
+
+    def test_rereadWhenModified(self) -> None:
+        """
+        A change of the file's modification time alone (same inode, same
+        size) is enough for the file to be read again.
+        """
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        before = os.stat(self.path)
+        with open(self.path, "r+b") as f:
+            data = f.read().replace(self.aliceHash.encode(), self.bobHash.encode())
+            f.seek(0)
+            f.write(data)
+        os.utime(self.path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        after = os.stat(self.path)
+        self.assertEqual((after.st_ino, after.st_size), (before.st_ino, before.st_size))
+
+        self.assertEqual(
+            self.successResultOf(self.login(b"alice", BOB_PASSWORD)), "alice"
+        )
+        self.assertRejected(self.login(b"alice", ALICE_PASSWORD), unknown=False)
+
+    def test_rereadWhenReplaced(self) -> None:
+        """
+        A file replaced by another (a new inode, as C{setUser} and editors
+        do) is read again, so new users can log in without a restart.
+        """
+        self.assertRejected(self.login(b"bob", BOB_PASSWORD), unknown=True)
+        replacement = self.path + ".new"
+        with open(replacement, "w") as f:
+            f.write(f"bob:{self.bobHash}\n")
+        os.replace(replacement, self.path)
+        self.assertEqual(self.successResultOf(self.login(b"bob", BOB_PASSWORD)), "bob")
+        self.assertRejected(self.login(b"alice", ALICE_PASSWORD), unknown=True)
+
+    def test_notRereadWhenUnchanged(self) -> None:
+        """
+        While the file's inode, size and modification time stay the same it
+        is read only once: a change that keeps them all is not seen.
+        """
+        with capturedLogs() as events:
+            self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+            self.successResultOf(self.login(b"carol", b"secret"))
+            before = os.stat(self.path)
+            with open(self.path, "r+b") as f:
+                data = f.read().replace(self.aliceHash.encode(), self.bobHash.encode())
+                f.seek(0)
+                f.write(data)
+            os.utime(self.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        loads = [e for e in events if "Loaded" in e.get("log_format", "")]
+        self.assertEqual(len(loads), 1)
+        self.assertEqual(loads[0]["count"], 3)
+        self.assertEqual(loads[0]["path"], self.path)
+
+    def test_deleted(self) -> None:
+        """
+        A deleted file has no users: everyone is unknown (after the dummy
+        verification), and users come back with the file.
+        """
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        os.rename(self.path, self.path + ".bak")
+        self.spy.calls.clear()
+        self.assertRejected(self.login(b"alice", ALICE_PASSWORD), unknown=True)
+        self.assertEqual(
+            self.spy.calls,
+            [(verifyPassword, (ALICE_PASSWORD, self.checker.dummyHash))],
+        )
+        os.rename(self.path + ".bak", self.path)
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+
+    def test_unreadable(self) -> None:
+        """
+        A file that cannot be read makes every request fail with
+        L{CheckerUnavailable} (and hash nothing), even if it was read before;
+        once it can be read again, logins work again.
+        """
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        os.rename(self.path, self.path + ".bak")
+        os.mkdir(self.path)  # Opening a directory fails even for root.
+        self.spy.calls.clear()
+        with capturedLogs() as events:
+            self.failureResultOf(
+                self.login(b"alice", ALICE_PASSWORD), CheckerUnavailable
+            )
+            self.failureResultOf(self.login(b"nobody", b"x"), CheckerUnavailable)
+        self.assertEqual(self.spy.calls, [])
+        errors = [e for e in events if "Cannot read" in e.get("log_format", "")]
+        self.assertEqual(len(errors), 1, "logged once while it lasts")
+        self.assertEqual(errors[0]["path"], self.path)
+
+        os.rmdir(self.path)
+        os.rename(self.path + ".bak", self.path)
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+
+    def test_permissionDenied(self) -> None:
+        """
+        A file the relay has no permission to read is L{CheckerUnavailable}.
+        """
+        if os.geteuid() == 0:
+            raise SkipTest("root can read anything")
+        os.chmod(self.path, 0)
+        self.addCleanup(os.chmod, self.path, 0o600)
+        self.failureResultOf(self.login(b"alice", ALICE_PASSWORD), CheckerUnavailable)
+
+    def test_unreachable(self) -> None:
+        """
+        A path that cannot even be looked up (a component is not a directory)
+        is L{CheckerUnavailable}.
+        """
+        self.checker = HtpasswdChecker(
+            os.path.join(self.path, "users"),
+            runInThread=self.spy,
+            dummyHash=self.checker.dummyHash,
+        )
+        self.failureResultOf(self.login(b"alice", ALICE_PASSWORD), CheckerUnavailable)
+
+    def test_passwordNeverLogged(self) -> None:
+        """
+        Nothing logged while loading the file and checking passwords, right
+        or wrong, contains a password or a hash.
+        """
+        self.writeUsers(
+            f"alice:{self.aliceHash}\nbroken line {BOB_PASSWORD.decode()}\n"
+        )
+        with capturedLogs() as events:
+            self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+            self.assertRejected(self.login(b"alice", BOB_PASSWORD), unknown=False)
+            self.assertRejected(self.login(b"bob", BOB_PASSWORD), unknown=True)
+        self.assertTrue(events)
+        for event in events:
+            text = formatEvent(event) + repr(event)
+            for secret in [ALICE_PASSWORD, BOB_PASSWORD]:
+                self.assertNotIn(secret.decode(), text)
+            self.assertNotIn(self.aliceHash, text)
+
+    def test_defaultThreadPool(self) -> None:
+        """
+        By default hashes are verified in the reactor's thread pool, with the
+        result delivered back in the reactor thread.
+        """
+        reactor = FakeThreadsReactor()
+        self.checker = self.makeChecker(runInThread=None, reactor=reactor)
+        d = self.login(b"alice", ALICE_PASSWORD)
+        self.assertEqual(self.successResultOf(d), "alice")
+        self.assertEqual(reactor.threadPool.functions, [verifyPassword])
+        self.assertEqual(reactor.fromThread, 1)
+
+    def test_defaultDummyHash(self) -> None:
+        """
+        By default the dummy hash is L{dummyHash} at the default cost, the
+        cost of the hashes C{smtpauth-relay passwd} writes.
+        """
+        checker = HtpasswdChecker(self.path, runInThread=self.spy)
+        self.assertIs(checker.dummyHash, dummyHash())
+        self.assertTrue(checker.dummyHash.startswith("$2b$12$"))
+
+
+class HtpasswdPluginTests(SynchronousTestCase):
+    """
+    Tests for the C{htpasswd} strcred plugin.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "users")
+        with open(self.path, "w") as f:
+            f.write(f"carol:{CAROL_SHA512}\n")
+
+    def test_found(self) -> None:
+        """
+        strcred finds the plugin by its name, and it provides
+        L{ICheckerFactory} and L{IPlugin}.
+        """
+        factory = findCheckerFactory("htpasswd")
+        self.assertTrue(verifyObject(ICheckerFactory, factory))
+        self.assertTrue(verifyObject(IPlugin, factory))
+        self.assertEqual(factory.authType, "htpasswd")
+        self.assertIn("bcrypt", factory.authHelp)
+        self.assertEqual(
+            [i.__name__ for i in factory.credentialInterfaces], ["IUsernamePassword"]
+        )
+
+    def test_generateChecker(self) -> None:
+        """
+        C{--auth htpasswd:PATH} gives an L{HtpasswdChecker} for PATH, which
+        provides L{ICredentialsChecker}.
+        """
+        checker = makeChecker("htpasswd:" + self.path)
+        self.assertIsInstance(checker, HtpasswdChecker)
+        assert isinstance(checker, HtpasswdChecker)
+        self.assertEqual(checker.path, self.path)
+        self.assertTrue(verifyObject(ICredentialsChecker, checker))
+
+    def test_noArgument(self) -> None:
+        """
+        An empty argument is a L{ValueError} saying a file is needed.
+        """
+        factory = findCheckerFactory("htpasswd")
+        error = self.assertRaises(ValueError, factory.generateChecker, "")
+        self.assertIn("requires the path of a password file", str(error))
+        self.assertRaises(ValueError, factory.generateChecker, "  ")
+
+    def test_missingFile(self) -> None:
+        """
+        A file that does not exist is a L{ValueError} naming it.
+        """
+        factory = findCheckerFactory("htpasswd")
+        missing = self.path + ".missing"
+        error = self.assertRaises(ValueError, factory.generateChecker, missing)
+        self.assertIn(missing, str(error))
+        self.assertIn("does not exist", str(error))
+        directory = os.path.dirname(self.path)
+        self.assertRaises(ValueError, factory.generateChecker, directory)
+
+    def test_thin(self) -> None:
+        """
+        Importing the plugin file (as every twistd run does) imports neither
+        the checker nor the hashing libraries.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            "import sys\n"
+            "import twisted.plugins.smtpauth_relay_htpasswd as p\n"
+            "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
+            "heavy = ['smtpauth_relay.checkers', 'smtpauth_relay.passwords',"
+            " 'bcrypt', 'argon2', 'twisted.internet.reactor']\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", code, root],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertEqual(output.strip(), "[]")
+
+    def test_noReactorInstalled(self) -> None:
+        """
+        Making a checker (as C{check-config} does) does not import the global
+        reactor, which would install one behind twistd's back.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            "import sys\n"
+            "from twisted.cred.strcred import makeChecker\n"
+            "checker = makeChecker('htpasswd:' + sys.argv[1])\n"
+            "print(type(checker).__name__, 'twisted.internet.reactor' in sys.modules)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", code, os.path.abspath(self.path)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertEqual(output.strip(), "HtpasswdChecker False")
