@@ -186,7 +186,7 @@ class MemoryChecker:
 
     def requestAvatarId(self, credentials: ICredentials) -> Deferred[Any]:
         assert IUsernamePassword.providedBy(credentials)
-        username = credentials.username  # type: ignore[attr-defined]
+        username = credentials.username
         self.asked.append(username)
         if self.pending is not None:
             d: Deferred[Any] = Deferred()
@@ -196,7 +196,7 @@ class MemoryChecker:
             return fail(CheckerUnavailable("memory checker is down"))
         if username not in self.users:
             return fail(UnknownUser())
-        if credentials.password != self.users[username]:  # type: ignore[attr-defined]
+        if credentials.password != self.users[username]:
             return fail(UnauthorizedLogin())
         return succeed(username)
 
