@@ -1,0 +1,1242 @@
+"""
+The configuration file: what the relay listens on, whom it trusts and where
+it delivers.
+
+The file is TOML, read with the standard library's L{tomllib} into frozen
+dataclasses (L{Config} and one class per section).  L{loadConfig} reads a
+file and L{parseConfig} a string; both return a L{Config} or raise
+L{ConfigError} listing I{every} problem found, one line each, in the form::
+
+    PATH:LINE: [SECTION] KEY: MESSAGE
+
+C{:LINE} is left out only where no line can be named (a required key that is
+missing, an unreadable file).  Array-of-table entries are named
+C{[listener #2]} (counting from 1) and array elements C{checkers[0]}
+(counting from 0, like the TOML array itself).
+
+L{checkConfigCommand} is the C{smtpauth-relay check-config PATH} command.
+"""
+
+import bisect
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+from smtpauth_relay.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "ListenerConfig",
+    "QueueConfig",
+    "RelayConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "checkConfigCommand",
+    "loadConfig",
+    "parseConfig",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Values allowed for C{[[listener]] tls}.
+LISTENER_TLS_MODES = ("starttls", "implicit", "none")
+#: Values allowed for C{[tls] minimum_version}.
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+#: Values allowed in C{[auth] mechanisms}.
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+#: Values allowed for C{[delivery] mode}.
+DELIVERY_MODES = ("maildir",)
+# Documented in the contract, not implemented yet.
+_FUTURE_DELIVERY_MODES = ("smarthost", "mx")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """
+    C{[server]}: how the relay presents itself and the limits it enforces.
+
+    @ivar hostname: The name in the greeting, in Received headers, in
+        Message-IDs and in bounces.
+    @ivar max_message_size: The largest message accepted, in octets
+        (advertised as SIZE).
+    @ivar max_recipients: The most RCPT TO commands accepted per message.
+    @ivar max_connections: The most simultaneous client connections.
+    @ivar max_connections_per_ip: The most simultaneous connections from one
+        client address.
+    @ivar idle_timeout: Seconds a client may stay silent before it is
+        disconnected.
+    @ivar max_line_length: The longest command or text line accepted, in
+        octets including CRLF (RFC 5321 section 4.5.3.1.6 sets 1000).
+    @ivar reverse_dns: Whether to look up the client's host name for the
+        Received header.
+    """
+
+    hostname: str = field(default_factory=socket.getfqdn)
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    idle_timeout: float = 300.0
+    max_line_length: int = 1000
+    reverse_dns: bool = False
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """
+    C{[tls]}: the certificate the listeners present.
+
+    @ivar certificate: Absolute path of the PEM certificate (chain), or
+        C{None} when TLS is not configured.
+    @ivar private_key: Absolute path of the PEM private key, or C{None}.
+    @ivar minimum_version: The oldest protocol version accepted, one of
+        L{TLS_VERSIONS}.
+    """
+
+    certificate: str | None = None
+    private_key: str | None = None
+    minimum_version: str = "TLSv1.2"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """
+    One C{[[listener]]}.
+
+    @ivar endpoint: A Twisted server endpoint string (C{tcp:port=587},
+        C{systemd:domain=INET:index=0}, C{haproxy:tcp:port=587}, ...).
+    @ivar tls: One of L{LISTENER_TLS_MODES}.
+    """
+
+    endpoint: str
+    tls: str = "starttls"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """
+    C{[auth]}: how submitters authenticate.
+
+    @ivar checkers: strcred descriptions, in the order they are asked.
+    @ivar mechanisms: SASL mechanisms offered, upper-case, from
+        L{AUTH_MECHANISMS}.
+    @ivar require_tls: Whether AUTH is refused (and not advertised) before
+        TLS.
+    """
+
+    checkers: tuple[str, ...] = ()
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    require_tls: bool = True
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """
+    C{[relay]}: who may relay without authenticating.
+
+    @ivar trusted_networks: Client networks that may relay without AUTH.
+    @ivar trusted_relays: Client networks whose C{AUTH=} parameter on MAIL
+        FROM is believed (RFC 4954 section 5).
+    """
+
+    trusted_networks: tuple[IPNetwork, ...] = ()
+    trusted_relays: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """
+    C{[queue]}: the spool.
+
+    @ivar directory: Absolute path of the spool directory.
+    """
+
+    directory: str = "/var/spool/smtpauth-relay"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """
+    C{[delivery]}: where accepted messages go.
+
+    @ivar mode: One of L{DELIVERY_MODES}.
+    @ivar directory: Absolute path of the Maildir that messages are dropped
+        into (maildir mode).
+    """
+
+    mode: str = "maildir"
+    directory: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A whole, valid configuration.
+
+    @ivar path: The file it was read from.
+    """
+
+    server: ServerConfig
+    tls: TLSConfig
+    listeners: tuple[ListenerConfig, ...]
+    auth: AuthConfig
+    relay: RelayConfig
+    queue: QueueConfig
+    delivery: DeliveryConfig
+    path: str
+
+
+_SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "server": (
+        "hostname",
+        "max_message_size",
+        "max_recipients",
+        "max_connections",
+        "max_connections_per_ip",
+        "idle_timeout",
+        "max_line_length",
+        "reverse_dns",
+    ),
+    "tls": ("certificate", "private_key", "minimum_version"),
+    "listener": ("endpoint", "tls"),
+    "auth": ("checkers", "mechanisms", "require_tls"),
+    "relay": ("trusted_networks", "trusted_relays"),
+    "queue": ("directory",),
+    "delivery": ("mode", "directory"),
+}
+
+_USAGE = "usage: smtpauth-relay check-config PATH\n"
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and validate a configuration file.
+
+    @param path: The file to read; relative paths inside it are resolved
+        against its directory.
+    @return: The configuration.
+    @raise ConfigError: If the file cannot be read or is invalid; every
+        problem found is listed.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError([f"{path}: cannot read configuration file: {reason}"]) from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{path}:{line}: not valid UTF-8 text"]) from e
+    return parseConfig(text, path)
+
+
+def parseConfig(text: str, path: str) -> Config:
+    """
+    Validate the text of a configuration file.
+
+    @param text: The TOML document.
+    @param path: The file it came from: named in problems, and the base of
+        relative paths.
+    @return: The configuration.
+    @raise ConfigError: If it is invalid; every problem found is listed.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        match = re.search(r"\(at line (\d+), column \d+\)", message)
+        where = f"{path}:{match.group(1)}" if match else path
+        raise ConfigError([f"{where}: TOML syntax error: {message}"]) from e
+    return _Validator(path, text).validate(data)
+
+
+def checkConfigCommand(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
+    """
+    The C{smtpauth-relay check-config PATH} command.
+
+    @param argv: The arguments after C{check-config}.
+    @param stdout: Where C{PATH: OK} (or the usage, when asked for) goes.
+    @param stderr: Where problems and usage errors go, one per line.
+    @return: The exit status: 0 when the file is valid, 1 when it is not,
+        2 on a usage error.
+    """
+    args = list(argv)
+    if args and args[0] in ("-h", "--help"):
+        stdout.write(_USAGE)
+        return 0
+    if args and args[0] == "--":
+        args = args[1:]
+    elif args and args[0].startswith("-") and args[0] != "-":
+        stderr.write(f"check-config: unknown option {args[0]}\n{_USAGE}")
+        return 2
+    if len(args) != 1:
+        stderr.write(_USAGE)
+        return 2
+    path = args[0]
+    try:
+        loadConfig(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            stderr.write(problem + "\n")
+        return 1
+    stdout.write(f"{path}: OK\n")
+    return 0
+
+
+# Where things are: a scanner for line numbers, since tomllib gives none.
+
+_Path = tuple[str | int, ...]
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class _LineIndex:
+    """
+    The line on which each table, key and array element of a (valid) TOML
+    document starts.
+
+    Paths are tuples as in the parsed document: C{("server", "hostname")},
+    C{("listener", 1, "endpoint")} for the second C{[[listener]]},
+    C{("auth", "checkers", 0)} for an array element.
+    """
+
+    def __init__(self, text: str) -> None:
+        """
+        @param text: A document that L{tomllib} has accepted.
+        """
+        self._text = text
+        self._newlines = [m.start() for m in re.finditer("\n", text)]
+        self._pos = 0
+        self._lines: dict[_Path, int] = {}
+        self._arrayTables: dict[_Path, int] = {}
+        try:
+            self._scanDocument()
+        except RecursionError:
+            pass
+
+    def nearestLine(self, path: _Path) -> int | None:
+        """
+        @return: The line of C{path}, or else of the closest enclosing thing
+            that has one (a dotted key or an inline table may only be known
+            by its parent's line); C{None} if none is known.
+        """
+        while path:
+            line = self._lines.get(path)
+            if line is not None:
+                return line
+            path = path[:-1]
+        return None
+
+    def _lineAt(self, pos: int) -> int:
+        return bisect.bisect_left(self._newlines, pos) + 1
+
+    def _record(self, path: _Path, line: int) -> None:
+        for end in range(1, len(path) + 1):
+            self._lines.setdefault(path[:end], line)
+
+    def _peek(self, ahead: int = 0) -> str:
+        pos = self._pos + ahead
+        return self._text[pos] if pos < len(self._text) else ""
+
+    def _skipBlank(self, newlines: bool) -> None:
+        while True:
+            c = self._peek()
+            if c in (" ", "\t") or (newlines and c in ("\r", "\n")):
+                self._pos += 1
+            elif c == "#":
+                while self._peek() not in ("", "\n"):
+                    self._pos += 1
+            else:
+                return
+
+    def _scanDocument(self) -> None:
+        table: _Path = ()
+        while True:
+            self._skipBlank(newlines=True)
+            start = self._pos
+            if self._peek() == "":
+                return
+            line = self._lineAt(start)
+            if self._peek() == "[":
+                isArray = self._peek(1) == "["
+                self._pos += 2 if isArray else 1
+                names = self._readKey()
+                self._skipBlank(newlines=False)
+                self._pos += 2 if isArray else 1
+                table = self._resolveHeader(names, isArray)
+                self._record(table, line)
+            else:
+                names = self._readKey()
+                self._skipBlank(newlines=False)
+                if self._peek() == "=":
+                    self._pos += 1
+                self._skipBlank(newlines=False)
+                self._record(table + names, line)
+                self._scanValue(table + names)
+            if self._pos == start:
+                self._pos += 1
+
+    def _resolveHeader(self, names: tuple[str, ...], isArray: bool) -> _Path:
+        resolved: _Path = ()
+        for position, name in enumerate(names):
+            resolved += (name,)
+            if isArray and position == len(names) - 1:
+                index = self._arrayTables.get(resolved, 0)
+                self._arrayTables[resolved] = index + 1
+                resolved += (index,)
+            elif resolved in self._arrayTables:
+                resolved += (self._arrayTables[resolved] - 1,)
+        return resolved
+
+    def _readKey(self) -> tuple[str, ...]:
+        names: list[str] = []
+        while True:
+            self._skipBlank(newlines=False)
+            if self._peek() in ('"', "'"):
+                start = self._pos
+                self._skipString()
+                names.append(_decodeQuotedKey(self._text[start : self._pos]))
+            else:
+                match = _BARE_KEY.match(self._text, self._pos)
+                if match is None:
+                    break
+                names.append(match.group())
+                self._pos = match.end()
+            self._skipBlank(newlines=False)
+            if self._peek() != ".":
+                break
+            self._pos += 1
+        return tuple(names)
+
+    def _skipString(self) -> None:
+        quote = self._peek()
+        escapes = quote == '"'
+        if self._text.startswith(quote * 3, self._pos):
+            self._pos += 3
+            while self._peek() != "":
+                if escapes and self._peek() == "\\":
+                    self._pos += 2
+                elif self._text.startswith(quote * 3, self._pos):
+                    self._pos += 3
+                    # Up to two more quotes belong to the content.
+                    for _ in range(2):
+                        if self._peek() == quote:
+                            self._pos += 1
+                    return
+                else:
+                    self._pos += 1
+            return
+        self._pos += 1
+        while self._peek() not in ("", "\n"):
+            c = self._peek()
+            self._pos += 2 if escapes and c == "\\" else 1
+            if c == quote:
+                return
+
+    def _scanValue(self, path: _Path) -> None:
+        c = self._peek()
+        if c in ('"', "'"):
+            self._skipString()
+        elif c in ("[", "{"):
+            isArray = c == "["
+            self._pos += 1
+            index = 0
+            while True:
+                self._skipBlank(newlines=True)
+                start = self._pos
+                c = self._peek()
+                if c in ("", "]", "}"):
+                    self._pos += 1
+                    return
+                if c == ",":
+                    self._pos += 1
+                    continue
+                line = self._lineAt(start)
+                if isArray:
+                    self._record(path + (index,), line)
+                    self._scanValue(path + (index,))
+                    index += 1
+                else:
+                    names = self._readKey()
+                    self._skipBlank(newlines=False)
+                    if self._peek() == "=":
+                        self._pos += 1
+                    self._skipBlank(newlines=False)
+                    self._record(path + names, line)
+                    self._scanValue(path + names)
+                if self._pos == start:
+                    self._pos += 1
+        else:
+            while self._peek() not in ("", ",", "]", "}", "\n", "#"):
+                self._pos += 1
+
+
+def _decodeQuotedKey(raw: str) -> str:
+    """
+    @param raw: A quoted TOML key, quotes included.
+    @return: The key it spells.
+    """
+    try:
+        value = tomllib.loads(f"k = {raw}")["k"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    return str(value)
+
+
+# Checking values.
+
+
+class _Missing:
+    """
+    The type of L{_MISSING}.
+    """
+
+
+_MISSING = _Missing()
+
+
+def _describe(value: object) -> str:
+    """
+    @return: The TOML type of C{value} with an article, and the value itself
+        when it is short: C{'a boolean (true)'}, C{'an array'}.
+    """
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f'a string ("{value}")' if len(value) <= 40 else "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _suggest(word: str, choices: Sequence[str], fuzzy: bool = True) -> str | None:
+    """
+    @param fuzzy: Whether to suggest near misses, or only a choice that
+        differs in case.
+    @return: The choice closest to C{word}, if any is close.
+    """
+    folded = {choice.lower(): choice for choice in choices}
+    if word.lower() in folded:
+        return folded[word.lower()]
+    if not fuzzy:
+        return None
+    matches = difflib.get_close_matches(word, choices, n=1)
+    return matches[0] if matches else None
+
+
+def _notOneOf(value: str, choices: Sequence[str], fuzzy: bool = True) -> str:
+    """
+    @param fuzzy: See L{_suggest}.
+    @return: A message saying C{value} is not among C{choices}.
+    """
+    allowed = ", ".join(f'"{choice}"' for choice in choices)
+    message = f'"{value}" is not one of {allowed}'
+    suggestion = _suggest(value, choices, fuzzy)
+    if suggestion is not None:
+        message += f'; did you mean "{suggestion}"?'
+    return message
+
+
+def _cleanException(e: BaseException) -> str:
+    """
+    @return: The message of C{e} without the function name that
+        C{TypeError}s start with.
+    """
+    message = re.sub(r"^[\w.]+\(\) ", "", str(e))
+    return message or type(e).__name__
+
+
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?"
+    r"|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]"
+)
+
+
+def _checkHostname(value: str) -> str | None:
+    """
+    @return: Why C{value} cannot be the relay's host name, or C{None}.
+    """
+    if _HOSTNAME.fullmatch(value) is None:
+        return (
+            f'"{value}" is not a valid host name (letters, digits, "-" and '
+            '"." only; write internationalised names in their xn-- form)'
+        )
+    return None
+
+
+def _splitEndpoint(description: str) -> list[tuple[str, str | None]]:
+    """
+    Split an endpoint description the way Twisted does: fields separated by
+    C{:}, C{name=value} fields, backslash escapes.
+
+    @return: C{(text, None)} for each positional field and C{(name, value)}
+        for each named one.
+    """
+    fields: list[list[str]] = [[""]]
+    characters = iter(description)
+    for c in characters:
+        if c == "\\":
+            fields[-1][-1] += next(characters, "")
+        elif c == ":":
+            fields.append([""])
+        elif c == "=" and len(fields[-1]) == 1:
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += c
+    return [(f[0], f[1] if len(f) > 1 else None) for f in fields]
+
+
+def _systemdArguments(
+    domain: str, index: str | None = None, name: str | None = None
+) -> None:
+    """
+    Check the arguments of a C{systemd:} endpoint as Twisted binds them,
+    without looking up the inherited descriptors (there are none outside
+    systemd).
+
+    @raise TypeError: For missing or unknown arguments.
+    @raise ValueError: For bad values.
+    """
+    if (index is None) == (name is None):
+        raise ValueError("give exactly one of index= or name=")
+    if index is not None and not re.fullmatch("[0-9]+", index):
+        raise ValueError(f'index must be a number, got "{index}"')
+    if name == "":
+        raise ValueError("name must not be empty")
+    if domain not in ("INET", "INET6", "UNIX"):
+        raise ValueError(f'unknown domain "{domain}" (use INET, INET6 or UNIX)')
+
+
+def _checkEndpoint(description: str) -> str | None:
+    """
+    @return: Why C{description} is not a usable server endpoint string, or
+        C{None}.
+    """
+    inner = description
+    while inner.lower().startswith("haproxy:"):
+        inner = inner[len("haproxy:") :]
+    try:
+        fields = _splitEndpoint(inner)
+        if fields[0][0].lower() == "systemd" and fields[0][1] is None:
+            positional = [text for text, value in fields[1:] if value is None]
+            named = {text: value for text, value in fields[1:] if value is not None}
+            _systemdArguments(*positional, **named)
+        else:
+            serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        return f'invalid endpoint "{description}": {_cleanException(e)}'
+    return None
+
+
+def _checkChecker(description: str) -> str | None:
+    """
+    @return: Why C{description} does not make a username/password checker,
+        or C{None}.
+    """
+    authType, _, argument = description.partition(":")
+    # Twisted's file checker only prints a warning for a missing file.
+    if authType == "file" and argument.strip() and not os.path.isfile(argument):
+        return f'"{description}": no such file "{argument}"'
+    try:
+        checker = strcred.makeChecker(description)
+    except strcred.InvalidAuthType:
+        known = sorted(f.authType for f in strcred.findCheckerFactories())
+        message = f'"{description}": unknown checker type "{authType}"'
+        suggestion = _suggest(authType, known)
+        if suggestion is not None:
+            message += f'; did you mean "{suggestion}"?'
+        return message
+    except Exception as e:
+        return f'"{description}": {_cleanException(e)}'
+    if IUsernamePassword not in getattr(checker, "credentialInterfaces", ()):
+        return f'"{description}" does not check usernames and passwords'
+    return None
+
+
+def _parseNetwork(value: str) -> IPNetwork | str:
+    """
+    @return: The network C{value} names, or why it names none.
+    """
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return (
+            f'"{value}" is not an IP address or a network in CIDR notation '
+            '(such as "192.0.2.0/24" or "2001:db8::/32")'
+        )
+    return f'"{value}" has host bits set; did you mean "{loose}"?'
+
+
+def _readPEM(path: str) -> bytes | str:
+    """
+    @return: The contents of C{path}, or why it could not be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return f'cannot read "{path}": {e.strerror or e}'
+
+
+class _Table:
+    """
+    One table of the document, and the values read from it so far.
+
+    @ivar values: Each key read and found valid, with its (converted) value.
+    @ivar invalid: Keys present but invalid.
+    """
+
+    def __init__(
+        self,
+        validator: "_Validator",
+        label: str,
+        where: _Path,
+        data: Mapping[str, object],
+        section: str,
+    ) -> None:
+        self.validator = validator
+        self.label = label
+        self.where = where
+        self.data = data
+        self.values: dict[str, Any] = {}
+        self.invalid: set[str] = set()
+        known = _SECTION_KEYS[section]
+        for key in data:
+            if key not in known:
+                self.report(key, validator.unknownKeyMessage(key, section))
+
+    def report(self, key: str | None, message: str, index: int | None = None) -> None:
+        """
+        Add a problem about C{key} (or the table itself).
+
+        @param index: The array element at fault, if any.
+        """
+        name = self.label
+        where = self.where
+        present = True
+        if key is not None:
+            name = f"{name} {key}"
+            where += (key,)
+            present = key in self.data
+            self.invalid.add(key)
+            if index is not None:
+                name += f"[{index}]"
+                where += (index,)
+        self.validator.report(where if present else None, name, message)
+
+    def _get(self, key: str, expected: str, accept: Callable[[object], bool]) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+        if not accept(value):
+            self.report(key, f"expected {expected}, got {_describe(value)}")
+            return _MISSING
+        return value
+
+    def string(
+        self, key: str, check: Callable[[str], str | None] | None = None
+    ) -> str | None:
+        """
+        Read a string.
+
+        @param check: Returns why a string is not acceptable, or C{None}.
+        @return: The string, or C{None} if absent or invalid.
+        """
+        value = self._get(key, "a string", lambda v: isinstance(v, str))
+        if value is _MISSING:
+            return None
+        if check is not None:
+            problem = check(value)
+            if problem is not None:
+                self.report(key, problem)
+                return None
+        self.values[key] = value
+        return str(value)
+
+    def choice(
+        self, key: str, choices: Sequence[str], fuzzy: bool = True
+    ) -> str | None:
+        """
+        Read a string that must be one of C{choices}.
+
+        @param fuzzy: See L{_suggest}.
+        """
+
+        def check(value: str) -> str | None:
+            return None if value in choices else _notOneOf(value, choices, fuzzy)
+
+        return self.string(key, check)
+
+    def path(self, key: str, emptyIsUnset: bool = False) -> None:
+        """
+        Read a file or directory name, resolved against the configuration
+        file's directory.
+
+        @param emptyIsUnset: Whether C{""} means "not set" (stored as C{None})
+            rather than being an error.
+        """
+
+        def check(value: str) -> str | None:
+            if value or emptyIsUnset:
+                return None
+            return "must not be empty"
+
+        value = self.string(key, check)
+        if value is not None:
+            self.values[key] = self.validator.resolve(value) if value else None
+
+    def integer(self, key: str, minimum: int = 1) -> None:
+        """
+        Read an integer of at least C{minimum}; booleans are not integers.
+        """
+        value = self._get(
+            key,
+            "an integer",
+            lambda v: isinstance(v, int) and not isinstance(v, bool),
+        )
+        if value is _MISSING:
+            return
+        if value < minimum:
+            if minimum == 1:
+                self.report(key, f"must be a positive integer, got {value}")
+            else:
+                self.report(key, f"must be at least {minimum}, got {value}")
+            return
+        self.values[key] = value
+
+    def duration(self, key: str) -> None:
+        """
+        Read a positive, finite number of seconds; integers are accepted.
+        """
+        value = self._get(
+            key,
+            "a number",
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        )
+        if value is _MISSING:
+            return
+        if not (math.isfinite(value) and value > 0):
+            self.report(key, f"must be a positive number of seconds, got {value}")
+            return
+        self.values[key] = float(value)
+
+    def boolean(self, key: str) -> None:
+        """
+        Read C{true} or C{false}.
+        """
+        value = self._get(
+            key, "a boolean (true or false)", lambda v: isinstance(v, bool)
+        )
+        if value is not _MISSING:
+            self.values[key] = value
+
+    def strings(self, key: str) -> Iterator[tuple[int, str]]:
+        """
+        Read an array of strings.
+
+        @return: The index and value of each string element; elements of
+            other types are reported and skipped.
+        """
+        value = self._get(key, "an array of strings", lambda v: isinstance(v, list))
+        if value is _MISSING:
+            return
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                yield index, item
+            else:
+                self.report(key, f"expected a string, got {_describe(item)}", index)
+
+    def networks(self, key: str) -> None:
+        """
+        Read an array of CIDR networks.
+        """
+        networks = []
+        for index, item in self.strings(key):
+            network = _parseNetwork(item)
+            if isinstance(network, str):
+                self.report(key, network, index)
+            else:
+                networks.append(network)
+        if key in self.data and key not in self.invalid:
+            self.values[key] = tuple(networks)
+
+
+class _Validator:
+    """
+    Checks a parsed document, collecting every problem.
+    """
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = _LineIndex(text)
+        self.baseDirectory = os.path.dirname(os.path.abspath(path))
+        self.problems: list[tuple[int | None, str]] = []
+
+    def report(self, where: _Path | None, name: str, message: str) -> None:
+        """
+        Add a problem.
+
+        @param where: Where the value at fault is in the document, or
+            C{None} if it is not in it.
+        @param name: The section and key, as in C{"[server] hostname"}.
+        """
+        line = None if where is None else self.lines.nearestLine(where)
+        location = self.path if line is None else f"{self.path}:{line}"
+        self.problems.append((line, f"{location}: {name}: {message}"))
+
+    def resolve(self, value: str) -> str:
+        """
+        @return: C{value} as an absolute path, relative ones being taken from
+            the configuration file's directory.
+        """
+        return os.path.normpath(os.path.join(self.baseDirectory, value))
+
+    def unknownKeyMessage(self, key: str, section: str) -> str:
+        """
+        @return: What to say about C{key}, unknown in C{section}.
+        """
+        suggestion = _suggest(key, _SECTION_KEYS[section])
+        if suggestion is not None:
+            return f'unknown key; did you mean "{suggestion}"?'
+        for other, keys in _SECTION_KEYS.items():
+            if key in keys:
+                return f'unknown key; "{key}" belongs in [{other}]'
+        return "unknown key"
+
+    def validate(self, data: Mapping[str, object]) -> Config:
+        """
+        @return: The configuration C{data} describes.
+        @raise ConfigError: If it has problems.
+        """
+        for name, value in data.items():
+            if name not in _SECTION_KEYS:
+                self.unknownTopLevel(name, value)
+
+        serverTable = self.table(data, "server")
+        serverTable.string("hostname", _checkHostname)
+        for key in (
+            "max_message_size",
+            "max_recipients",
+            "max_connections",
+            "max_connections_per_ip",
+        ):
+            serverTable.integer(key)
+        serverTable.duration("idle_timeout")
+        serverTable.integer("max_line_length", minimum=80)
+        serverTable.boolean("reverse_dns")
+        server = ServerConfig(**serverTable.values)
+
+        tlsTable = self.table(data, "tls")
+        tlsTable.path("certificate", emptyIsUnset=True)
+        tlsTable.path("private_key", emptyIsUnset=True)
+        # Versions differ by one digit: suggest only a different case.
+        tlsTable.choice("minimum_version", TLS_VERSIONS, fuzzy=False)
+        tls = TLSConfig(**tlsTable.values)
+        self.checkCertificate(tlsTable, tls)
+
+        listenerTables = self.listeners(data)
+        listeners = tuple(
+            ListenerConfig(**t.values) for t in listenerTables if "endpoint" in t.values
+        )
+        self.checkListenerTLS(listenerTables, tlsTable)
+
+        authTable = self.table(data, "auth")
+        self.checkers(authTable)
+        self.mechanisms(authTable)
+        authTable.boolean("require_tls")
+        auth = AuthConfig(**authTable.values)
+
+        relayTable = self.table(data, "relay")
+        relayTable.networks("trusted_networks")
+        relayTable.networks("trusted_relays")
+        relay = RelayConfig(**relayTable.values)
+
+        queueTable = self.table(data, "queue")
+        queueTable.path("directory")
+        queue = QueueConfig(**queueTable.values)
+
+        deliveryTable = self.table(data, "delivery")
+        self.delivery(deliveryTable)
+        delivery = DeliveryConfig(**deliveryTable.values)
+
+        self.checkAuthReachable(listenerTables, authTable, relayTable, auth, relay)
+
+        if self.problems:
+            self.problems.sort(key=lambda p: (p[0] is None, p[0] or 0))
+            raise ConfigError(list(dict.fromkeys(p for _, p in self.problems)))
+        return Config(
+            server=server,
+            tls=tls,
+            listeners=listeners,
+            auth=auth,
+            relay=relay,
+            queue=queue,
+            delivery=delivery,
+            path=self.path,
+        )
+
+    def unknownTopLevel(self, name: str, value: object) -> None:
+        """
+        Report a top-level name that is not a known section.
+        """
+        if isinstance(value, dict) or (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, dict) for v in value)
+        ):
+            suggestion = _suggest(name, list(_SECTION_KEYS))
+            message = "unknown section"
+            if suggestion is not None:
+                message += f'; did you mean "{suggestion}"?'
+            self.report((name,), f"[{name}]", message)
+            return
+        message = "keys must be inside a section"
+        for section, keys in _SECTION_KEYS.items():
+            if name in keys:
+                message += f'; "{name}" belongs in [{section}]'
+                break
+        self.report((name,), name, message)
+
+    def table(self, data: Mapping[str, object], section: str) -> _Table:
+        """
+        @return: The table for C{section}, empty if it is absent or not a
+            table (which is reported).
+        """
+        value = data.get(section, {})
+        label = f"[{section}]"
+        if isinstance(value, dict):
+            return _Table(self, label, (section,), value, section)
+        if isinstance(value, list):
+            message = f"must be a single table: write [{section}], not [[{section}]]"
+        else:
+            message = f"must be a table, got {_describe(value)}"
+        self.report((section,), label, message)
+        return _Table(self, label, (section,), {}, section)
+
+    def listeners(self, data: Mapping[str, object]) -> list[_Table]:
+        """
+        Read every C{[[listener]]}.
+        """
+        value = data.get("listener", _MISSING)
+        if value is _MISSING:
+            self.report(
+                None,
+                "[listener]",
+                'at least one [[listener]] is required, e.g. endpoint = "tcp:port=587"',
+            )
+            return []
+        if not isinstance(value, list):
+            message = (
+                "must be an array of tables: write [[listener]], once per listener"
+            )
+            self.report(("listener",), "[listener]", message)
+            return []
+        if not value:
+            self.report(
+                ("listener",), "[listener]", "at least one listener is required"
+            )
+        tables = []
+        for index, item in enumerate(value):
+            label = f"[listener #{index + 1}]"
+            if not isinstance(item, dict):
+                self.report(
+                    ("listener", index),
+                    label,
+                    f"expected a table, got {_describe(item)}",
+                )
+                continue
+            table = _Table(self, label, ("listener", index), item, "listener")
+            if "endpoint" not in item:
+                table.report("endpoint", "required key is missing")
+            else:
+                table.string("endpoint", _checkEndpoint)
+            table.choice("tls", LISTENER_TLS_MODES)
+            tables.append(table)
+        return tables
+
+    def checkCertificate(self, table: _Table, tls: TLSConfig) -> None:
+        """
+        Check that the certificate and key can be loaded and belong
+        together.
+        """
+        certificate = key = None
+        if tls.certificate is not None:
+            pem = _readPEM(tls.certificate)
+            if isinstance(pem, str):
+                table.report("certificate", pem)
+            else:
+                try:
+                    certificate = x509.load_pem_x509_certificates(pem)[0]
+                except ValueError as e:
+                    table.report(
+                        "certificate",
+                        f'"{tls.certificate}" holds no usable PEM certificate: {e}',
+                    )
+        if tls.private_key is not None:
+            pem = _readPEM(tls.private_key)
+            if isinstance(pem, str):
+                table.report("private_key", pem)
+            else:
+                try:
+                    key = serialization.load_pem_private_key(pem, password=None)
+                except TypeError:
+                    table.report(
+                        "private_key",
+                        f'"{tls.private_key}" is encrypted; the relay cannot '
+                        "ask for a passphrase, so store the key unencrypted",
+                    )
+                except (ValueError, UnsupportedAlgorithm) as e:
+                    table.report(
+                        "private_key",
+                        f'"{tls.private_key}" holds no usable PEM private key: {e}',
+                    )
+        if certificate is not None and key is not None:
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            der = serialization.Encoding.DER
+            if key.public_key().public_bytes(der, spki) != (
+                certificate.public_key().public_bytes(der, spki)
+            ):
+                table.report(
+                    "private_key",
+                    f'"{tls.private_key}" does not match the certificate '
+                    f'in "{tls.certificate}"',
+                )
+
+        def isUnset(key: str) -> bool:
+            return table.data.get(key, "") == ""
+
+        for missing, other in (
+            ("certificate", "private_key"),
+            ("private_key", "certificate"),
+        ):
+            if isUnset(missing) and not isUnset(other):
+                table.report(missing, f"required when {other} is set")
+
+    def checkListenerTLS(self, listeners: list[_Table], tlsTable: _Table) -> None:
+        """
+        Report listeners that need TLS when no certificate is configured.
+        """
+        if tlsTable.data.get("certificate", "") or tlsTable.data.get("private_key", ""):
+            return
+        for table in listeners:
+            if "tls" in table.invalid:
+                continue
+            mode = table.values.get("tls", ListenerConfig.tls)
+            if mode != "none":
+                default = "" if "tls" in table.data else " (the default)"
+                table.report(
+                    "tls",
+                    f'"{mode}"{default} needs [tls] certificate and private_key; '
+                    'set them, or use tls = "none"',
+                )
+
+    def checkers(self, table: _Table) -> None:
+        """
+        Read C{[auth] checkers}, making each checker to see that it works.
+        """
+        checkers = []
+        for index, description in table.strings("checkers"):
+            problem = _checkChecker(description)
+            if problem is not None:
+                table.report("checkers", problem, index)
+            checkers.append(description)
+        if "checkers" in table.data and "checkers" not in table.invalid:
+            table.values["checkers"] = tuple(checkers)
+
+    def mechanisms(self, table: _Table) -> None:
+        """
+        Read C{[auth] mechanisms}, upper-casing them and dropping repeats.
+        """
+        mechanisms: list[str] = []
+        for index, name in table.strings("mechanisms"):
+            if name.upper() not in AUTH_MECHANISMS:
+                table.report("mechanisms", _notOneOf(name, AUTH_MECHANISMS), index)
+            elif name.upper() not in mechanisms:
+                mechanisms.append(name.upper())
+        if "mechanisms" in table.data and "mechanisms" not in table.invalid:
+            if not mechanisms:
+                table.report("mechanisms", "at least one mechanism is required")
+            else:
+                table.values["mechanisms"] = tuple(mechanisms)
+
+    def delivery(self, table: _Table) -> None:
+        """
+        Read C{[delivery]}.
+        """
+
+        def checkMode(value: str) -> str | None:
+            if value in _FUTURE_DELIVERY_MODES:
+                return f'"{value}" is not supported yet; only "maildir" is available'
+            if value not in DELIVERY_MODES:
+                return _notOneOf(value, DELIVERY_MODES + _FUTURE_DELIVERY_MODES)
+            return None
+
+        table.string("mode", checkMode)
+        table.path("directory", emptyIsUnset=True)
+        if "mode" in table.invalid or "directory" in table.invalid:
+            return
+        mode = table.values.get("mode", DeliveryConfig.mode)
+        if mode == "maildir" and not table.values.get("directory"):
+            table.report("directory", 'required when mode = "maildir"')
+        if table.values.get("directory") is None:
+            table.values.pop("directory", None)
+
+    def checkAuthReachable(
+        self,
+        listeners: list[_Table],
+        authTable: _Table,
+        relayTable: _Table,
+        auth: AuthConfig,
+        relay: RelayConfig,
+    ) -> None:
+        """
+        Report C{require_tls} when no listener can ever offer TLS and nobody
+        may relay without AUTH: nothing could be relayed at all.
+        """
+        if not listeners or "require_tls" in authTable.invalid:
+            return
+        if "trusted_networks" in relayTable.invalid or relay.trusted_networks:
+            return
+        if not auth.require_tls:
+            return
+        modes = [t.values.get("tls", ListenerConfig.tls) for t in listeners]
+        if any("tls" in t.invalid for t in listeners) or any(
+            m != "none" for m in modes
+        ):
+            return
+        authTable.report(
+            "require_tls",
+            'is true but every listener has tls = "none", so AUTH could never '
+            "be offered; add a TLS listener, set require_tls = false, or list "
+            "[relay] trusted_networks",
+        )

@@ -1,0 +1,1698 @@
+"""
+Tests for L{smtpauth_relay.config}.
+"""
+
+import datetime
+import io
+import ipaddress
+import os
+import re
+import socket
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpauth_relay.config import (
+    AuthConfig,
+    Config,
+    DeliveryConfig,
+    ListenerConfig,
+    QueueConfig,
+    RelayConfig,
+    ServerConfig,
+    TLSConfig,
+    checkConfigCommand,
+    loadConfig,
+    parseConfig,
+)
+from smtpauth_relay.errors import ConfigError
+
+# Sections that make a document valid, appended by complete() when the text
+# under test does not have its own.
+BASE_SECTIONS = {
+    "listener": '[[listener]]\nendpoint = "tcp:port=2525"\ntls = "none"\n',
+    "auth": "[auth]\nrequire_tls = false\n",
+    "delivery": '[delivery]\ndirectory = "/srv/mail"\n',
+}
+
+SERVER_KEYS = (
+    "hostname",
+    "max_message_size",
+    "max_recipients",
+    "max_connections",
+    "max_connections_per_ip",
+    "idle_timeout",
+    "max_line_length",
+    "reverse_dns",
+)
+
+
+def complete(text: str) -> str:
+    """
+    @param text: Part of a configuration; its lines keep their numbers.
+    @return: C{text} followed by whichever of L{BASE_SECTIONS} it lacks.
+    """
+    parts = [text]
+    for name, body in BASE_SECTIONS.items():
+        if not re.search(rf"^\s*(\[+{name}\]+|{name}\s*=)", text, re.MULTILINE):
+            parts.append(body)
+    return "\n".join(parts)
+
+
+def writeCertificate(
+    directory: str, name: str = "relay", passphrase: bytes | None = None
+) -> tuple[str, str]:
+    """
+    Write a self-signed certificate and its key as PEM files.
+
+    @param directory: Where to write them.
+    @param name: The files are C{name.crt} and C{name.key}.
+    @param passphrase: If given, the key is encrypted with it.
+    @return: The certificate's path and the key's path.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.example.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    encryption: serialization.KeySerializationEncryption
+    if passphrase is None:
+        encryption = serialization.NoEncryption()
+    else:
+        encryption = serialization.BestAvailableEncryption(passphrase)
+    certificatePath = os.path.join(directory, name + ".crt")
+    keyPath = os.path.join(directory, name + ".key")
+    with open(certificatePath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                encryption,
+            )
+        )
+    return certificatePath, keyPath
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """
+    Helpers for tests of configuration documents.
+    """
+
+    def problemsOf(self, text: str, path: str = "relay.toml") -> list[str]:
+        """
+        @return: The problems L{parseConfig} reports for C{text}.
+        """
+        error = self.assertRaises(ConfigError, parseConfig, text, path)
+        return error.problems
+
+    def makeDirectory(self) -> str:
+        """
+        @return: The absolute path of a new, empty directory.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        return directory
+
+    def writeConfig(self, directory: str, text: str) -> str:
+        """
+        @return: The path of a new C{relay.toml} holding C{text}.
+        """
+        path = os.path.join(directory, "relay.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+
+class ValidConfigTests(ConfigTestCase):
+    """
+    Valid documents load into the dataclasses.
+    """
+
+    def test_fullSample(self) -> None:
+        """
+        The contract's sample, restricted to the keys implemented, loads
+        every value into the matching dataclass field.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        users = os.path.join(directory, "users")
+        with open(users, "w") as f:
+            f.write("alice:secret\n")
+        path = self.writeConfig(
+            directory,
+            f"""\
+[server]
+hostname = "relay.example.com"     # greeting, Received, Message-ID, bounces
+max_message_size = 26214400        # bytes; advertised as SIZE
+max_recipients = 100
+max_connections = 1000
+max_connections_per_ip = 20
+idle_timeout = 300                 # seconds
+max_line_length = 2000
+reverse_dns = true
+
+[tls]
+certificate = "{certificate}"
+private_key = "{key}"
+minimum_version = "TLSv1.3"
+
+[[listener]]                       # one or more (required)
+endpoint = "tcp:port=587"
+tls = "starttls"
+
+[[listener]]
+endpoint = "tcp:port=465:interface=192.0.2.1"
+tls = "implicit"
+
+[auth]
+checkers = ["file:{users}", "memory:bob:secret"]
+mechanisms = ["PLAIN", "LOGIN"]
+require_tls = true
+
+[relay]
+trusted_networks = ["192.0.2.0/24", "2001:db8::/32"]
+trusted_relays = ["198.51.100.7"]
+
+[queue]
+directory = "/var/spool/smtpauth-relay"
+
+[delivery]
+mode = "maildir"
+directory = "/var/mail/relay"
+""",
+        )
+        self.assertEqual(
+            loadConfig(path),
+            Config(
+                server=ServerConfig(
+                    hostname="relay.example.com",
+                    max_message_size=26214400,
+                    max_recipients=100,
+                    max_connections=1000,
+                    max_connections_per_ip=20,
+                    idle_timeout=300.0,
+                    max_line_length=2000,
+                    reverse_dns=True,
+                ),
+                tls=TLSConfig(
+                    certificate=certificate,
+                    private_key=key,
+                    minimum_version="TLSv1.3",
+                ),
+                listeners=(
+                    ListenerConfig(endpoint="tcp:port=587", tls="starttls"),
+                    ListenerConfig(
+                        endpoint="tcp:port=465:interface=192.0.2.1", tls="implicit"
+                    ),
+                ),
+                auth=AuthConfig(
+                    checkers=(f"file:{users}", "memory:bob:secret"),
+                    mechanisms=("PLAIN", "LOGIN"),
+                    require_tls=True,
+                ),
+                relay=RelayConfig(
+                    trusted_networks=(
+                        ipaddress.ip_network("192.0.2.0/24"),
+                        ipaddress.ip_network("2001:db8::/32"),
+                    ),
+                    trusted_relays=(ipaddress.ip_network("198.51.100.7/32"),),
+                ),
+                queue=QueueConfig(directory="/var/spool/smtpauth-relay"),
+                delivery=DeliveryConfig(mode="maildir", directory="/var/mail/relay"),
+                path=path,
+            ),
+        )
+
+    def test_defaults(self) -> None:
+        """
+        Every key left out takes its documented default; the host name
+        defaults to the machine's fully qualified name.
+        """
+        config = parseConfig(
+            '[[listener]]\nendpoint = "tcp:port=587"\ntls = "none"\n'
+            '[auth]\nrequire_tls = false\n[delivery]\ndirectory = "/srv/mail"\n',
+            "/etc/relay.toml",
+        )
+        self.assertEqual(
+            config.server,
+            ServerConfig(
+                hostname=socket.getfqdn(),
+                max_message_size=26214400,
+                max_recipients=100,
+                max_connections=1000,
+                max_connections_per_ip=20,
+                idle_timeout=300.0,
+                max_line_length=1000,
+                reverse_dns=False,
+            ),
+        )
+        self.assertEqual(config.tls, TLSConfig(None, None, "TLSv1.2"))
+        self.assertEqual(config.auth.checkers, ())
+        self.assertEqual(config.auth.mechanisms, ("PLAIN", "LOGIN"))
+        self.assertEqual(config.relay, RelayConfig((), ()))
+        self.assertEqual(config.queue, QueueConfig("/var/spool/smtpauth-relay"))
+        self.assertEqual(config.delivery, DeliveryConfig("maildir", "/srv/mail"))
+        self.assertEqual(config.path, "/etc/relay.toml")
+
+    def test_listenerTLSDefault(self) -> None:
+        """
+        A listener without C{tls} uses STARTTLS.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        config = parseConfig(
+            complete(
+                f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+                '[[listener]]\nendpoint = "tcp:port=587"\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(
+            config.listeners, (ListenerConfig("tcp:port=587", "starttls"),)
+        )
+
+    def test_frozen(self) -> None:
+        """
+        The configuration cannot be changed once loaded.
+        """
+        config = parseConfig(complete(""), "relay.toml")
+        self.assertRaises(AttributeError, setattr, config.server, "max_recipients", 1)
+        self.assertRaises(AttributeError, setattr, config, "path", "x")
+
+    def test_relativePaths(self) -> None:
+        """
+        Relative certificate, key, queue and maildir paths are taken from
+        the configuration file's directory and stored absolute.
+        """
+        directory = self.makeDirectory()
+        os.makedirs(os.path.join(directory, "tls"))
+        writeCertificate(os.path.join(directory, "tls"))
+        path = self.writeConfig(
+            directory,
+            complete(
+                "[tls]\n"
+                'certificate = "tls/relay.crt"\n'
+                'private_key = "./tls/relay.key"\n'
+                "[queue]\n"
+                'directory = "spool"\n'
+                "[delivery]\n"
+                'directory = "../maildir"\n'
+            ),
+        )
+        config = loadConfig(path)
+        self.assertEqual(
+            config.tls.certificate, os.path.join(directory, "tls/relay.crt")
+        )
+        self.assertEqual(
+            config.tls.private_key, os.path.join(directory, "tls/relay.key")
+        )
+        self.assertEqual(config.queue.directory, os.path.join(directory, "spool"))
+        self.assertEqual(
+            config.delivery.directory,
+            os.path.join(os.path.dirname(directory), "maildir"),
+        )
+
+    def test_relativeToRelativeConfigPath(self) -> None:
+        """
+        A configuration path given relative to the working directory still
+        gives absolute paths, based on the file's own directory.
+        """
+        config = parseConfig(
+            complete('[queue]\ndirectory = "spool"\n'), "etc/relay.toml"
+        )
+        self.assertEqual(config.queue.directory, os.path.abspath("etc/spool"))
+
+    def test_emptyCertificateIsUnset(self) -> None:
+        """
+        An empty C{certificate} and C{private_key} mean "no TLS", as an
+        absent key does.
+        """
+        config = parseConfig(
+            complete('[tls]\ncertificate = ""\nprivate_key = ""\n'), "relay.toml"
+        )
+        self.assertEqual(config.tls, TLSConfig(None, None))
+
+    def test_integerIdleTimeout(self) -> None:
+        """
+        An integer is accepted where a number of seconds is expected, and
+        stored as a float.
+        """
+        config = parseConfig(complete("[server]\nidle_timeout = 30\n"), "relay.toml")
+        self.assertEqual(config.server.idle_timeout, 30.0)
+        self.assertIsInstance(config.server.idle_timeout, float)
+        config = parseConfig(complete("[server]\nidle_timeout = 2.5\n"), "relay.toml")
+        self.assertEqual(config.server.idle_timeout, 2.5)
+
+    def test_maxLineLengthMinimum(self) -> None:
+        """
+        C{max_line_length} may go as low as 80.
+        """
+        config = parseConfig(complete("[server]\nmax_line_length = 80\n"), "relay.toml")
+        self.assertEqual(config.server.max_line_length, 80)
+
+    def test_mechanismsUpperCased(self) -> None:
+        """
+        Mechanism names are upper-cased and repeats dropped, keeping the
+        order given.
+        """
+        config = parseConfig(
+            complete(
+                '[auth]\nrequire_tls = false\nmechanisms = ["login", "Plain", "LOGIN"]\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.auth.mechanisms, ("LOGIN", "PLAIN"))
+
+    def test_systemdEndpoints(self) -> None:
+        """
+        C{systemd:} endpoints are accepted by index or by name, also behind
+        C{haproxy:}, although no descriptors are inherited.
+        """
+        config = parseConfig(
+            complete(
+                '[[listener]]\nendpoint = "systemd:domain=INET:index=0"\ntls = "none"\n'
+                '[[listener]]\nendpoint = "systemd:domain=INET6:name=smtp"\n'
+                'tls = "none"\n'
+                '[[listener]]\nendpoint = "haproxy:systemd:domain=UNIX:index=1"\n'
+                'tls = "none"\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(
+            [listener.endpoint for listener in config.listeners],
+            [
+                "systemd:domain=INET:index=0",
+                "systemd:domain=INET6:name=smtp",
+                "haproxy:systemd:domain=UNIX:index=1",
+            ],
+        )
+
+    def test_otherEndpoints(self) -> None:
+        """
+        Any endpoint Twisted can parse is accepted: TCP with options, UNIX
+        sockets, HAProxy-wrapped TCP.
+        """
+        config = parseConfig(
+            complete(
+                '[[listener]]\nendpoint = "tcp:2525:interface=127.0.0.1"\ntls = "none"\n'
+                '[[listener]]\nendpoint = "unix:/run/relay.sock:mode=660"\n'
+                'tls = "none"\n'
+                '[[listener]]\nendpoint = "haproxy:tcp:port=2526"\ntls = "none"\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(len(config.listeners), 3)
+
+    def test_noTLSWithTrustedNetworks(self) -> None:
+        """
+        With only plain listeners, C{require_tls = true} is fine when some
+        networks may relay without AUTH.
+        """
+        config = parseConfig(
+            complete('[relay]\ntrusted_networks = ["192.0.2.0/24"]\n[auth]\n'),
+            "relay.toml",
+        )
+        self.assertTrue(config.auth.require_tls)
+
+    def test_crlfLineEndings(self) -> None:
+        """
+        Files with CRLF line endings load, and problems name the right line.
+        """
+        text = complete("[server]\nmax_recipients = 5\n").replace("\n", "\r\n")
+        self.assertEqual(parseConfig(text, "relay.toml").server.max_recipients, 5)
+        text = "[server]\r\n\r\nmax_recipients = 0\r\n"
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:3: [server] max_recipients: must be a positive integer, got 0"
+            ],
+        )
+
+
+class FileTests(ConfigTestCase):
+    """
+    Problems with the file itself.
+    """
+
+    def test_missingFile(self) -> None:
+        """
+        A missing file gives one line naming the file and the reason.
+        """
+        path = os.path.join(self.makeDirectory(), "nope.toml")
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(
+            error.problems,
+            [f"{path}: cannot read configuration file: No such file or directory"],
+        )
+
+    def test_directory(self) -> None:
+        """
+        A directory is not a configuration file.
+        """
+        path = self.makeDirectory()
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(
+            error.problems, [f"{path}: cannot read configuration file: Is a directory"]
+        )
+
+    def test_notUTF8(self) -> None:
+        """
+        A file that is not UTF-8 gives one line naming the line of the first
+        bad byte.
+        """
+        directory = self.makeDirectory()
+        path = os.path.join(directory, "relay.toml")
+        with open(path, "wb") as f:
+            f.write(b'[server]\nhostname = "caf\xe9"\n')
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(error.problems, [f"{path}:2: not valid UTF-8 text"])
+
+    def test_syntaxError(self) -> None:
+        """
+        A TOML syntax error is reported as tomllib words it, with its line
+        number in front too.
+        """
+        self.assertEqual(
+            self.problemsOf("[server]\nmax_recipients = \n"),
+            ["relay.toml:2: TOML syntax error: Invalid value (at line 2, column 18)"],
+        )
+
+    def test_errorMessage(self) -> None:
+        """
+        The exception's message is its problems, one per line.
+        """
+        error = self.assertRaises(ConfigError, parseConfig, "[server]\nx = 1\n", "r")
+        self.assertEqual(str(error), "\n".join(error.problems))
+
+
+class LineNumberTests(ConfigTestCase):
+    """
+    Problems name the line of the key at fault, however the document is laid
+    out.
+    """
+
+    def test_multilineStringNotScanned(self) -> None:
+        """
+        Text inside a multi-line string that looks like a key is not taken
+        for one.
+        """
+        text = (
+            "[server]\n"  # 1
+            "future = '''\n"  # 2
+            "max_recipients = 0\n"  # 3
+            "'''\n"  # 4
+            "max_recipients = 0\n"  # 5
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:2: [server] future: unknown key",
+                "relay.toml:5: [server] max_recipients: must be a positive integer, got 0",
+            ],
+        )
+
+    def test_multilineBasicStringWithEscapes(self) -> None:
+        """
+        Escaped quotes inside a multi-line basic string do not end it.
+        """
+        text = (
+            "[server]\n"  # 1
+            'future = """\n'  # 2
+            '\\"""\n'  # 3
+            "[tls]\n"  # 4
+            '"""\n'  # 5
+            "max_recipients = 0\n"  # 6
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:2: [server] future: unknown key",
+                "relay.toml:6: [server] max_recipients: must be a positive integer, got 0",
+            ],
+        )
+
+    def test_nestedArraysNotHeaders(self) -> None:
+        """
+        Lines of a multi-line nested array that start with C{[} are not taken
+        for table headers.
+        """
+        text = (
+            "[server]\n"  # 1
+            "future = [\n"  # 2
+            "  [1, 2],  # a comment with [brackets]\n"  # 3
+            '  ["]", 4],\n'  # 4
+            "]\n"  # 5
+            "max_recipients = 0\n"  # 6
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:2: [server] future: unknown key",
+                "relay.toml:6: [server] max_recipients: must be a positive integer, got 0",
+            ],
+        )
+
+    def test_arrayElementLines(self) -> None:
+        """
+        A bad element of a multi-line array is reported on its own line.
+        """
+        text = (
+            "[relay]\n"  # 1
+            "trusted_networks = [\n"  # 2
+            '  "192.0.2.0/24",\n'  # 3
+            "  # a comment\n"  # 4
+            '  "192.0.2.1/24",\n'  # 5
+            "]\n"  # 6
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:5: [relay] trusted_networks[1]: "192.0.2.1/24" has host '
+                'bits set; did you mean "192.0.2.0/24"?'
+            ],
+        )
+
+    def test_dottedKeyFallsBack(self) -> None:
+        """
+        A problem inside a dotted key is reported on that key's line.
+        """
+        text = (
+            "[auth]\n"  # 1
+            "require_tls = false\n"  # 2
+            "lockout.max_failures = 5\n"  # 3
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            ["relay.toml:3: [auth] lockout: unknown key"],
+        )
+
+    def test_inlineTables(self) -> None:
+        """
+        Inline tables are located: an array of inline listener tables gives
+        each listener its line, and a bad key inside one is reported there.
+        """
+        text = (
+            "listener = [\n"  # 1
+            '  { endpoint = "tcp:port=2525", tls = "none" },\n'  # 2
+            '  { endpoint = "tcp:port=x", tls = "none" },\n'  # 3
+            "]\n"  # 4
+            "[server]\n"  # 5
+            "max_recipients = 0\n"  # 6
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:3: [listener #2] endpoint: invalid endpoint "tcp:port=x": '
+                "invalid literal for int() with base 10: 'x'",
+                "relay.toml:6: [server] max_recipients: must be a positive integer, got 0",
+            ],
+        )
+
+    def test_quotedKeys(self) -> None:
+        """
+        Quoted keys are matched to the keys they spell.
+        """
+        text = (
+            "[server]\n"  # 1
+            '"max_recipients" = 1\n'  # 2
+            "'max_connections' = 0\n"  # 3
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:3: [server] max_connections: must be a positive integer, "
+                "got 0"
+            ],
+        )
+
+    def test_secondListener(self) -> None:
+        """
+        Listeners are numbered from 1 in the order written, each located by
+        its own keys.
+        """
+        text = (
+            "[[listener]]\n"  # 1
+            'endpoint = "tcp:port=2525"\n'  # 2
+            'tls = "none"\n'  # 3
+            "\n"  # 4
+            "[[listener]]  # second\n"  # 5
+            'endpoint = "tcp:port=2526"\n'  # 6
+            'tls = "sometimes"\n'  # 7
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:7: [listener #2] tls: "sometimes" is not one of '
+                '"starttls", "implicit", "none"'
+            ],
+        )
+
+
+class StructureTests(ConfigTestCase):
+    """
+    Unknown and misshapen sections and keys.
+    """
+
+    def test_unknownSection(self) -> None:
+        """
+        A section that is not known is reported at its header, with the
+        closest known name when there is one.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[limits]\nrate = 5\n\n[servr]\n")),
+            [
+                "relay.toml:1: [limits]: unknown section",
+                'relay.toml:4: [servr]: unknown section; did you mean "server"?',
+            ],
+        )
+
+    def test_unknownArraySection(self) -> None:
+        """
+        C{[[listeners]]} is an unknown section, with C{listener} suggested.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[[listeners]]\nendpoint = "tcp:25"\n')),
+            ['relay.toml:1: [listeners]: unknown section; did you mean "listener"?'],
+        )
+
+    def test_topLevelKey(self) -> None:
+        """
+        A key before any section header is reported, naming the section it
+        belongs in when it is a known key.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('hostname = "relay.example.com"\nfoo = 1\n')),
+            [
+                'relay.toml:1: hostname: keys must be inside a section; "hostname" '
+                "belongs in [server]",
+                "relay.toml:2: foo: keys must be inside a section",
+            ],
+        )
+
+    def test_sectionNotTable(self) -> None:
+        """
+        A section written as an array of tables, or as a plain value, is
+        reported.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("queue = 5\n[[server]]\nmax_recipients = 5\n")),
+            [
+                "relay.toml:1: [queue]: must be a table, got an integer (5)",
+                "relay.toml:2: [server]: must be a single table: write [server], "
+                "not [[server]]",
+            ],
+        )
+
+    def test_listenerNotArray(self) -> None:
+        """
+        C{[listener]} instead of C{[[listener]]} is reported with the fix.
+        """
+        text = (
+            "[listener]\n"  # 1
+            'endpoint = "tcp:port=25"\n'  # 2
+            "[auth]\n"  # 3
+            "require_tls = false\n"  # 4
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:1: [listener]: must be an array of tables: write "
+                "[[listener]], once per listener"
+            ],
+        )
+
+    def test_listenerNotTable(self) -> None:
+        """
+        A listener that is not a table is reported by its number.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('listener = ["tcp:port=25"]\n')),
+            [
+                'relay.toml:1: [listener #1]: expected a table, got a string ("tcp:port=25")'
+            ],
+        )
+
+    def test_noListener(self) -> None:
+        """
+        A document without any listener is reported, without a line.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                '[auth]\nrequire_tls = false\n[delivery]\ndirectory = "/srv/mail"\n'
+            ),
+            [
+                "relay.toml: [listener]: at least one [[listener]] is required, e.g. "
+                'endpoint = "tcp:port=587"'
+            ],
+        )
+
+    def test_emptyListenerArray(self) -> None:
+        """
+        An empty array of listeners is reported at its line.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("\nlistener = []\n")),
+            ["relay.toml:2: [listener]: at least one listener is required"],
+        )
+
+    def test_listenerWithoutEndpoint(self) -> None:
+        """
+        A listener without an endpoint is reported by number, without a line.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[[listener]]\ntls = "none"\n')),
+            ["relay.toml: [listener #1] endpoint: required key is missing"],
+        )
+
+    def test_unknownKeySuggestion(self) -> None:
+        """
+        An unknown key is reported at its line with the closest valid key of
+        its section.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[server]\n\nmax_mesage_size = 5\n")),
+            [
+                "relay.toml:3: [server] max_mesage_size: unknown key; did you mean "
+                '"max_message_size"?'
+            ],
+        )
+
+    def test_unknownKeyOtherSection(self) -> None:
+        """
+        A key written in the wrong section is reported with the section it
+        belongs in.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[server]\ncertificate = "x.pem"\n')),
+            [
+                'relay.toml:2: [server] certificate: unknown key; "certificate" '
+                "belongs in [tls]"
+            ],
+        )
+
+    def test_unknownKeyNoSuggestion(self) -> None:
+        """
+        An unknown key like no valid one is reported without a suggestion.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[queue]\nzzz = 1\n")),
+            ["relay.toml:2: [queue] zzz: unknown key"],
+        )
+
+    def test_unknownSubTable(self) -> None:
+        """
+        A sub-table of a known section is an unknown key, reported at its
+        header.
+        """
+        text = (
+            "[auth]\n"  # 1
+            "require_tls = false\n"  # 2
+            "[auth.lockout]\n"  # 3
+            "max_failures = 5\n"  # 4
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            ["relay.toml:3: [auth] lockout: unknown key"],
+        )
+
+
+class TypeAndRangeTests(ConfigTestCase):
+    """
+    Values of the wrong type or out of range.
+    """
+
+    def test_booleanNotInteger(self) -> None:
+        """
+        C{true} is not accepted where an integer is expected.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[server]\nmax_recipients = true\n")),
+            [
+                "relay.toml:2: [server] max_recipients: expected an integer, "
+                "got a boolean (true)"
+            ],
+        )
+
+    def test_stringNotInteger(self) -> None:
+        """
+        A quoted number is not an integer.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[server]\nmax_message_size = "25M"\n')),
+            [
+                "relay.toml:2: [server] max_message_size: expected an integer, "
+                'got a string ("25M")'
+            ],
+        )
+
+    def test_floatNotInteger(self) -> None:
+        """
+        A float is not accepted where an integer is expected.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[server]\nmax_connections = 10.0\n")),
+            [
+                "relay.toml:2: [server] max_connections: expected an integer, "
+                "got a float (10.0)"
+            ],
+        )
+
+    def test_booleanNotNumber(self) -> None:
+        """
+        C{true} is not accepted where a number of seconds is expected.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[server]\nidle_timeout = true\n")),
+            [
+                "relay.toml:2: [server] idle_timeout: expected a number, "
+                "got a boolean (true)"
+            ],
+        )
+
+    def test_wrongBoolean(self) -> None:
+        """
+        A string is not accepted where a boolean is expected.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[server]\nreverse_dns = "yes"\n')),
+            [
+                "relay.toml:2: [server] reverse_dns: expected a boolean (true or "
+                'false), got a string ("yes")'
+            ],
+        )
+
+    def test_wrongString(self) -> None:
+        """
+        An integer is not accepted where a string is expected.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[queue]\ndirectory = 5\n")),
+            ["relay.toml:2: [queue] directory: expected a string, got an integer (5)"],
+        )
+
+    def test_wrongArray(self) -> None:
+        """
+        A string is not accepted where an array of strings is expected, and
+        non-string elements are reported by index.
+        """
+        text = (
+            "[auth]\n"  # 1
+            "require_tls = false\n"  # 2
+            'checkers = "memory:a:b"\n'  # 3
+            'mechanisms = ["PLAIN", 1]\n'  # 4
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:3: [auth] checkers: expected an array of strings, got a "
+                'string ("memory:a:b")',
+                "relay.toml:4: [auth] mechanisms[1]: expected a string, got an "
+                "integer (1)",
+            ],
+        )
+
+    def test_nonPositiveSizes(self) -> None:
+        """
+        Sizes and counts must be positive: zero and negative numbers are
+        each reported at their line.
+        """
+        text = (
+            "[server]\n"  # 1
+            "max_message_size = 0\n"  # 2
+            "max_recipients = -1\n"  # 3
+            "max_connections = 0\n"  # 4
+            "max_connections_per_ip = -20\n"  # 5
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                "relay.toml:2: [server] max_message_size: must be a positive integer, "
+                "got 0",
+                "relay.toml:3: [server] max_recipients: must be a positive integer, "
+                "got -1",
+                "relay.toml:4: [server] max_connections: must be a positive integer, "
+                "got 0",
+                "relay.toml:5: [server] max_connections_per_ip: must be a positive "
+                "integer, got -20",
+            ],
+        )
+
+    def test_maxLineLengthTooShort(self) -> None:
+        """
+        C{max_line_length} below 80 is reported.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[server]\nmax_line_length = 79\n")),
+            ["relay.toml:2: [server] max_line_length: must be at least 80, got 79"],
+        )
+
+    def test_idleTimeoutNotPositive(self) -> None:
+        """
+        C{idle_timeout} must be above zero and finite.
+        """
+        for value in ("0", "-1.5", "inf", "nan"):
+            self.assertEqual(
+                self.problemsOf(complete(f"[server]\nidle_timeout = {value}\n")),
+                [
+                    "relay.toml:2: [server] idle_timeout: must be a positive number "
+                    f"of seconds, got {value}"
+                ],
+            )
+
+    def test_badHostname(self) -> None:
+        """
+        A host name with spaces (or anything else a greeting cannot carry)
+        is reported.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[server]\nhostname = "relay example"\n')),
+            [
+                'relay.toml:2: [server] hostname: "relay example" is not a valid host '
+                'name (letters, digits, "-" and "." only; write internationalised '
+                "names in their xn-- form)"
+            ],
+        )
+
+    def test_goodHostnames(self) -> None:
+        """
+        Dotted names, a trailing dot and address literals are host names.
+        """
+        for name in ("relay.example.com", "relay-1.example.com.", "mx", "[192.0.2.1]"):
+            config = parseConfig(
+                complete(f'[server]\nhostname = "{name}"\n'), "relay.toml"
+            )
+            self.assertEqual(config.server.hostname, name)
+
+    def test_emptyQueueDirectory(self) -> None:
+        """
+        The queue directory cannot be empty.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[queue]\ndirectory = ""\n')),
+            ["relay.toml:2: [queue] directory: must not be empty"],
+        )
+
+    @settings(derandomize=True)
+    @given(st.integers())
+    def test_anyMaxRecipients(self, value: int) -> None:
+        """
+        Any integer for C{max_recipients} either loads as itself (when
+        positive) or gives exactly one problem, naming that key and line.
+        """
+        text = complete(f"[server]\nmax_recipients = {value}\n")
+        if value > 0:
+            self.assertEqual(
+                parseConfig(text, "relay.toml").server.max_recipients, value
+            )
+        else:
+            [problem] = self.problemsOf(text)
+            self.assertTrue(
+                problem.startswith("relay.toml:2: [server] max_recipients: "), problem
+            )
+
+    @settings(derandomize=True)
+    @given(st.from_regex(r"[a-z_]{1,24}", fullmatch=True))
+    def test_anyServerKey(self, key: str) -> None:
+        """
+        Any bare key in C{[server]} that is not a server key gives exactly
+        one problem: an unknown key, at its line.
+        """
+        assume(key not in SERVER_KEYS)
+        [problem] = self.problemsOf(complete(f"[server]\n{key} = 1\n"))
+        self.assertTrue(
+            problem.startswith(f"relay.toml:2: [server] {key}: unknown key"), problem
+        )
+
+
+class EnumTests(ConfigTestCase):
+    """
+    Values that must be one of a few words.
+    """
+
+    def test_listenerTLS(self) -> None:
+        """
+        A listener's C{tls} must be starttls, implicit or none; a near miss
+        gets a suggestion.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete('[[listener]]\nendpoint = "tcp:port=25"\ntls = "startls"\n')
+            ),
+            [
+                'relay.toml:3: [listener #1] tls: "startls" is not one of "starttls", '
+                '"implicit", "none"; did you mean "starttls"?'
+            ],
+        )
+
+    def test_minimumVersion(self) -> None:
+        """
+        C{minimum_version} must be spelt as documented; a different case gets
+        the right spelling suggested, and TLSv1.1 is refused without a
+        suggestion.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[tls]\nminimum_version = "tlsv1.3"\n')),
+            [
+                'relay.toml:2: [tls] minimum_version: "tlsv1.3" is not one of '
+                '"TLSv1.2", "TLSv1.3"; did you mean "TLSv1.3"?'
+            ],
+        )
+        self.assertEqual(
+            self.problemsOf(complete('[tls]\nminimum_version = "TLSv1.1"\n')),
+            [
+                'relay.toml:2: [tls] minimum_version: "TLSv1.1" is not one of '
+                '"TLSv1.2", "TLSv1.3"'
+            ],
+        )
+
+    def test_mechanisms(self) -> None:
+        """
+        Mechanisms other than PLAIN and LOGIN are reported by index.
+        """
+        text = (
+            "[auth]\n"  # 1
+            "require_tls = false\n"  # 2
+            'mechanisms = ["PLAIN", "CRAM-MD5"]\n'  # 3
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:3: [auth] mechanisms[1]: "CRAM-MD5" is not one of '
+                '"PLAIN", "LOGIN"'
+            ],
+        )
+
+    def test_noMechanisms(self) -> None:
+        """
+        An empty list of mechanisms is reported.
+        """
+        self.assertEqual(
+            self.problemsOf(complete("[auth]\nrequire_tls = false\nmechanisms = []\n")),
+            ["relay.toml:3: [auth] mechanisms: at least one mechanism is required"],
+        )
+
+    def test_deliveryModeUnknown(self) -> None:
+        """
+        An unknown delivery mode is reported with the closest known one.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete('[delivery]\nmode = "maildr"\ndirectory = "/m"\n')
+            ),
+            [
+                'relay.toml:2: [delivery] mode: "maildr" is not one of "maildir", '
+                '"smarthost", "mx"; did you mean "maildir"?'
+            ],
+        )
+
+    def test_deliveryModeNotYet(self) -> None:
+        """
+        The smarthost and mx modes are named in the contract but not supported
+        yet, and say so.
+        """
+        for mode in ("smarthost", "mx"):
+            self.assertEqual(
+                self.problemsOf(complete(f'[delivery]\nmode = "{mode}"\n')),
+                [
+                    f'relay.toml:2: [delivery] mode: "{mode}" is not supported yet; '
+                    'only "maildir" is available'
+                ],
+            )
+
+    def test_maildirNeedsDirectory(self) -> None:
+        """
+        Maildir delivery without a directory is reported: without a line
+        when the key is absent, at its line when it is empty.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[delivery]\nmode = "maildir"\n')),
+            ['relay.toml: [delivery] directory: required when mode = "maildir"'],
+        )
+        self.assertEqual(
+            self.problemsOf(complete('[delivery]\ndirectory = ""\n')),
+            ['relay.toml:2: [delivery] directory: required when mode = "maildir"'],
+        )
+
+
+class EndpointTests(ConfigTestCase):
+    """
+    Listener endpoint strings.
+    """
+
+    def assertEndpointProblem(self, endpoint: str, message: str) -> None:
+        """
+        Assert that C{endpoint} is reported with C{message}.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete(f'[[listener]]\nendpoint = "{endpoint}"\ntls = "none"\n')
+            ),
+            [
+                f'relay.toml:2: [listener #1] endpoint: invalid endpoint "{endpoint}": '
+                + message
+            ],
+        )
+
+    def test_unknownType(self) -> None:
+        """
+        An unknown endpoint type is reported.
+        """
+        self.assertEndpointProblem("tpc:port=587", "Unknown endpoint type: 'tpc'")
+
+    def test_badPort(self) -> None:
+        """
+        A port that is not a number is reported.
+        """
+        self.assertEndpointProblem(
+            "tcp:port=smtp", "invalid literal for int() with base 10: 'smtp'"
+        )
+
+    def test_unknownArgument(self) -> None:
+        """
+        An argument the endpoint type does not take is reported.
+        """
+        self.assertEndpointProblem(
+            "tcp:port=587:intreface=127.0.0.1",
+            "got an unexpected keyword argument 'intreface'",
+        )
+
+    def test_empty(self) -> None:
+        """
+        An empty endpoint is reported.
+        """
+        self.assertEndpointProblem("", "Unknown endpoint type: ''")
+
+    def test_systemdNeedsIndexOrName(self) -> None:
+        """
+        A C{systemd:} endpoint needs exactly one of index and name.
+        """
+        self.assertEndpointProblem(
+            "systemd:domain=INET", "give exactly one of index= or name="
+        )
+        self.assertEndpointProblem(
+            "systemd:domain=INET:index=0:name=smtp",
+            "give exactly one of index= or name=",
+        )
+
+    def test_systemdBadDomain(self) -> None:
+        """
+        A C{systemd:} endpoint needs a stream address family: INET, INET6 or
+        UNIX.
+        """
+        self.assertEndpointProblem(
+            "systemd:domain=IPX:index=0",
+            'unknown domain "IPX" (use INET, INET6 or UNIX)',
+        )
+
+    def test_systemdBadIndex(self) -> None:
+        """
+        A C{systemd:} index must be a number.
+        """
+        self.assertEndpointProblem(
+            "systemd:domain=INET:index=first", 'index must be a number, got "first"'
+        )
+
+    def test_systemdMissingDomain(self) -> None:
+        """
+        A C{systemd:} endpoint needs a domain.
+        """
+        self.assertEndpointProblem(
+            "systemd:index=0", "missing 1 required positional argument: 'domain'"
+        )
+
+    def test_systemdUnknownArgument(self) -> None:
+        """
+        A C{systemd:} endpoint takes no other arguments.
+        """
+        self.assertEndpointProblem(
+            "systemd:domain=INET:index=0:port=25",
+            "got an unexpected keyword argument 'port'",
+        )
+
+    def test_haproxyWrapsBadEndpoint(self) -> None:
+        """
+        The endpoint inside C{haproxy:} is checked too.
+        """
+        self.assertEndpointProblem(
+            "haproxy:systemd:domain=INET", "give exactly one of index= or name="
+        )
+        self.assertEndpointProblem(
+            "haproxy:tcp:port=x", "invalid literal for int() with base 10: 'x'"
+        )
+
+
+class RelayTests(ConfigTestCase):
+    """
+    Network lists in C{[relay]}.
+    """
+
+    def test_hostBits(self) -> None:
+        """
+        A network with host bits set is reported with the network meant.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[relay]\ntrusted_relays = ["10.0.0.1/8"]\n')),
+            [
+                'relay.toml:2: [relay] trusted_relays[0]: "10.0.0.1/8" has host bits '
+                'set; did you mean "10.0.0.0/8"?'
+            ],
+        )
+
+    def test_hostBitsIPv6(self) -> None:
+        """
+        IPv6 networks with host bits set are reported the same way.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete('[relay]\ntrusted_networks = ["2001:db8::1/32"]\n')
+            ),
+            [
+                'relay.toml:2: [relay] trusted_networks[0]: "2001:db8::1/32" has host '
+                'bits set; did you mean "2001:db8::/32"?'
+            ],
+        )
+
+    def test_notANetwork(self) -> None:
+        """
+        A string that is no address or network is reported.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete('[relay]\ntrusted_networks = ["192.0.2.0/24", "lan"]\n')
+            ),
+            [
+                'relay.toml:2: [relay] trusted_networks[1]: "lan" is not an IP address '
+                'or a network in CIDR notation (such as "192.0.2.0/24" or '
+                '"2001:db8::/32")'
+            ],
+        )
+
+    @settings(derandomize=True)
+    @given(st.ip_addresses(v=4), st.integers(min_value=0, max_value=32))
+    def test_anyIPv4Network(self, address: ipaddress.IPv4Address, prefix: int) -> None:
+        """
+        Any IPv4 address with any prefix either loads as that network or is
+        reported once, suggesting the network that holds the address.
+        """
+        cidr = f"{address}/{prefix}"
+        text = complete(f'[relay]\ntrusted_networks = ["{cidr}"]\n')
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.network_address == address:
+            config = parseConfig(text, "relay.toml")
+            self.assertEqual(config.relay.trusted_networks, (network,))
+        else:
+            self.assertEqual(
+                self.problemsOf(text),
+                [
+                    f'relay.toml:2: [relay] trusted_networks[0]: "{cidr}" has host '
+                    f'bits set; did you mean "{network}"?'
+                ],
+            )
+
+
+class TLSTests(ConfigTestCase):
+    """
+    The certificate and key, and listeners that need them.
+    """
+
+    def test_starttlsWithoutCertificate(self) -> None:
+        """
+        A STARTTLS listener (named or by default) or an implicit TLS listener
+        without a certificate is reported, each listener once.
+        """
+        text = (
+            "[[listener]]\n"  # 1
+            'endpoint = "tcp:port=587"\n'  # 2
+            "[[listener]]\n"  # 3
+            'endpoint = "tcp:port=465"\n'  # 4
+            'tls = "implicit"\n'  # 5
+            "[[listener]]\n"  # 6
+            'endpoint = "tcp:port=25"\n'  # 7
+            'tls = "none"\n'  # 8
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:5: [listener #2] tls: "implicit" needs [tls] certificate '
+                'and private_key; set them, or use tls = "none"',
+                'relay.toml: [listener #1] tls: "starttls" (the default) needs [tls] '
+                'certificate and private_key; set them, or use tls = "none"',
+            ],
+        )
+
+    def test_certificateWithoutKey(self) -> None:
+        """
+        A certificate without a key (or a key without a certificate) is
+        reported on the missing key.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        self.assertEqual(
+            self.problemsOf(complete(f'[tls]\ncertificate = "{certificate}"\n')),
+            ["relay.toml: [tls] private_key: required when certificate is set"],
+        )
+        self.assertEqual(
+            self.problemsOf(
+                complete(f'[tls]\ncertificate = ""\nprivate_key = "{key}"\n')
+            ),
+            ["relay.toml:2: [tls] certificate: required when private_key is set"],
+        )
+
+    def test_missingFiles(self) -> None:
+        """
+        Certificate and key files that do not exist are each reported.
+        """
+        directory = self.makeDirectory()
+        path = self.writeConfig(
+            directory,
+            complete('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'),
+        )
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(
+            error.problems,
+            [
+                f'{path}:2: [tls] certificate: cannot read "{directory}/cert.pem": '
+                "No such file or directory",
+                f'{path}:3: [tls] private_key: cannot read "{directory}/key.pem": '
+                "No such file or directory",
+            ],
+        )
+
+    def test_garbageFiles(self) -> None:
+        """
+        Files that hold no PEM certificate or key are reported on the key
+        naming each.
+        """
+        directory = self.makeDirectory()
+        for name in ("cert.pem", "key.pem"):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("not PEM\n")
+        path = self.writeConfig(
+            directory,
+            complete('[tls]\ncertificate = "cert.pem"\nprivate_key = "key.pem"\n'),
+        )
+        problems = self.assertRaises(ConfigError, loadConfig, path).problems
+        self.assertEqual(len(problems), 2)
+        self.assertTrue(
+            problems[0].startswith(
+                f'{path}:2: [tls] certificate: "{directory}/cert.pem" holds no usable '
+                "PEM certificate: "
+            ),
+            problems[0],
+        )
+        self.assertTrue(
+            problems[1].startswith(
+                f'{path}:3: [tls] private_key: "{directory}/key.pem" holds no usable '
+                "PEM private key: "
+            ),
+            problems[1],
+        )
+
+    def test_keyOfAnotherCertificate(self) -> None:
+        """
+        A key that does not belong to the certificate is reported on the key.
+        """
+        directory = self.makeDirectory()
+        certificate, _ = writeCertificate(directory, "one")
+        _, key = writeCertificate(directory, "two")
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+                )
+            ),
+            [
+                f'relay.toml:3: [tls] private_key: "{key}" does not match the '
+                f'certificate in "{certificate}"'
+            ],
+        )
+
+    def test_encryptedKey(self) -> None:
+        """
+        A passphrase-protected key is reported: nobody is there to type the
+        passphrase, and no prompt is shown.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory, passphrase=b"secret")
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+                )
+            ),
+            [
+                f'relay.toml:3: [tls] private_key: "{key}" is encrypted; the relay '
+                "cannot ask for a passphrase, so store the key unencrypted"
+            ],
+        )
+
+    def test_combinedFile(self) -> None:
+        """
+        The certificate and key may be in one file named by both keys.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        combined = os.path.join(directory, "combined.pem")
+        with open(combined, "wb") as out:
+            for name in (certificate, key):
+                with open(name, "rb") as f:
+                    out.write(f.read())
+        config = parseConfig(
+            complete(
+                f'[tls]\ncertificate = "{combined}"\nprivate_key = "{combined}"\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.tls.private_key, combined)
+
+    def test_requireTLSWithoutTLSListener(self) -> None:
+        """
+        C{require_tls} (true by default) with only plain listeners and no
+        trusted networks is reported: AUTH could never be offered.
+        """
+        message = (
+            ' [auth] require_tls: is true but every listener has tls = "none", '
+            "so AUTH could never be offered; add a TLS listener, set "
+            "require_tls = false, or list [relay] trusted_networks"
+        )
+        self.assertEqual(
+            self.problemsOf(complete("[auth]\nrequire_tls = true\n")),
+            ["relay.toml:2:" + message],
+        )
+        self.assertEqual(
+            self.problemsOf(complete("[auth]\n")),
+            ["relay.toml:" + message],
+        )
+
+    def test_requireTLSWithTLSListener(self) -> None:
+        """
+        C{require_tls} is fine when one listener offers TLS.
+        """
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        config = parseConfig(
+            complete(
+                f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+                '[[listener]]\nendpoint = "tcp:port=25"\ntls = "none"\n'
+                '[[listener]]\nendpoint = "tcp:port=465"\ntls = "implicit"\n'
+                "[auth]\n"
+            ),
+            "relay.toml",
+        )
+        self.assertTrue(config.auth.require_tls)
+
+
+class CheckerTests(ConfigTestCase):
+    """
+    strcred checkers in C{[auth] checkers}.
+    """
+
+    def test_goodCheckers(self) -> None:
+        """
+        Checkers Twisted can make are kept, in order.
+        """
+        directory = self.makeDirectory()
+        users = os.path.join(directory, "users")
+        with open(users, "w") as f:
+            f.write("alice:secret\n")
+        config = parseConfig(
+            complete(
+                "[auth]\nrequire_tls = false\n"
+                f'checkers = ["memory:bob:pw", "file:{users}"]\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.auth.checkers, ("memory:bob:pw", f"file:{users}"))
+
+    def test_badCheckers(self) -> None:
+        """
+        Each checker that cannot be made is reported at its own line: an
+        unknown type (with a suggestion when one is close), a file checker
+        without a file name or whose file is missing, and a checker that does
+        not check passwords.
+        """
+        text = (
+            "[auth]\n"  # 1
+            "require_tls = false\n"  # 2
+            "checkers = [\n"  # 3
+            '  "memory:alice:secret",\n'  # 4
+            '  "memroy:alice:secret",\n'  # 5
+            '  "file:",\n'  # 6
+            '  "file:/nonexistent/users",\n'  # 7
+            '  "anonymous",\n'  # 8
+            '  "zzzz",\n'  # 9
+            "]\n"  # 10
+        )
+        self.assertEqual(
+            self.problemsOf(complete(text)),
+            [
+                'relay.toml:5: [auth] checkers[1]: "memroy:alice:secret": unknown '
+                'checker type "memroy"; did you mean "memory"?',
+                "relay.toml:6: [auth] checkers[2]: \"file:\": 'file' requires a "
+                "filename",
+                'relay.toml:7: [auth] checkers[3]: "file:/nonexistent/users": no such '
+                'file "/nonexistent/users"',
+                'relay.toml:8: [auth] checkers[4]: "anonymous" does not check '
+                "usernames and passwords",
+                'relay.toml:9: [auth] checkers[5]: "zzzz": unknown checker type "zzzz"',
+            ],
+        )
+
+
+class ManyProblemsTests(ConfigTestCase):
+    """
+    Every problem is reported, not only the first.
+    """
+
+    def test_allProblemsInLineOrder(self) -> None:
+        """
+        Problems from every section come together, ordered by line, with
+        those that have no line last.
+        """
+        text = (
+            "[delivery]\n"  # 1
+            'mode = "mx"\n'  # 2
+            "[server]\n"  # 3
+            "max_recipients = 0\n"  # 4
+            "idle_timeout = false\n"  # 5
+            "[relay]\n"  # 6
+            'trusted_networks = ["10.1.2.3/16"]\n'  # 7
+            "[[listener]]\n"  # 8
+            'tls = "none"\n'  # 9
+            "[auth]\n"  # 10
+            "require_tls = false\n"  # 11
+            "[state]\n"  # 12
+        )
+        self.assertEqual(
+            self.problemsOf(text, "/etc/smtpauth-relay/relay.toml"),
+            [
+                '/etc/smtpauth-relay/relay.toml:2: [delivery] mode: "mx" is not '
+                'supported yet; only "maildir" is available',
+                "/etc/smtpauth-relay/relay.toml:4: [server] max_recipients: must be a "
+                "positive integer, got 0",
+                "/etc/smtpauth-relay/relay.toml:5: [server] idle_timeout: expected a "
+                "number, got a boolean (false)",
+                "/etc/smtpauth-relay/relay.toml:7: [relay] trusted_networks[0]: "
+                '"10.1.2.3/16" has host bits set; did you mean "10.1.0.0/16"?',
+                "/etc/smtpauth-relay/relay.toml:12: [state]: unknown section",
+                "/etc/smtpauth-relay/relay.toml: [listener #1] endpoint: required key "
+                "is missing",
+            ],
+        )
+
+
+class CheckConfigCommandTests(ConfigTestCase):
+    """
+    C{smtpauth-relay check-config PATH}.
+    """
+
+    def runCommand(self, argv: list[str]) -> tuple[int, str, str]:
+        """
+        @return: The exit status, standard output and standard error of the
+            command run with C{argv}.
+        """
+        stdout, stderr = io.StringIO(), io.StringIO()
+        status = checkConfigCommand(argv, stdout, stderr)
+        return status, stdout.getvalue(), stderr.getvalue()
+
+    def test_valid(self) -> None:
+        """
+        A valid file prints C{PATH: OK} on standard output and exits 0.
+        """
+        path = self.writeConfig(self.makeDirectory(), complete(""))
+        self.assertEqual(self.runCommand([path]), (0, f"{path}: OK\n", ""))
+
+    def test_invalid(self) -> None:
+        """
+        An invalid file prints each problem on standard error and exits 1.
+        """
+        path = self.writeConfig(
+            self.makeDirectory(), complete("[server]\nmax_recipients = 0\nfoo = 1\n")
+        )
+        self.assertEqual(
+            self.runCommand([path]),
+            (
+                1,
+                "",
+                f"{path}:2: [server] max_recipients: must be a positive integer, got 0\n"
+                f"{path}:3: [server] foo: unknown key\n",
+            ),
+        )
+
+    def test_missing(self) -> None:
+        """
+        A missing file exits 1 with one line.
+        """
+        path = os.path.join(self.makeDirectory(), "nope.toml")
+        self.assertEqual(
+            self.runCommand([path]),
+            (
+                1,
+                "",
+                f"{path}: cannot read configuration file: No such file or directory\n",
+            ),
+        )
+
+    def test_usage(self) -> None:
+        """
+        No path, several paths or an unknown option print the usage on
+        standard error and exit 2.
+        """
+        usage = "usage: smtpauth-relay check-config PATH\n"
+        self.assertEqual(self.runCommand([]), (2, "", usage))
+        self.assertEqual(self.runCommand(["a.toml", "b.toml"]), (2, "", usage))
+        self.assertEqual(
+            self.runCommand(["--verbose", "a.toml"]),
+            (2, "", "check-config: unknown option --verbose\n" + usage),
+        )
+
+    def test_help(self) -> None:
+        """
+        C{--help} prints the usage on standard output and exits 0.
+        """
+        self.assertEqual(
+            self.runCommand(["--help"]),
+            (0, "usage: smtpauth-relay check-config PATH\n", ""),
+        )
+
+    def test_dashDash(self) -> None:
+        """
+        C{--} ends the options: the argument after it is the path.
+        """
+        path = self.writeConfig(self.makeDirectory(), complete(""))
+        self.assertEqual(self.runCommand(["--", path]), (0, f"{path}: OK\n", ""))

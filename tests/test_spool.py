@@ -1,0 +1,307 @@
+"""
+Tests for L{smtpauth_relay.spool}: one contract for the real spool and its
+memory fake, then what only the disk spool does (fsync, crash traces, errors).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from smtpauth_relay.envelope import Attempt, Envelope
+from smtpauth_relay.errors import SpoolError
+from smtpauth_relay.interfaces import ISpool, ISpoolWriter
+from smtpauth_relay.spool import Spool, newQueueId
+from smtpauth_relay.testing import MemorySpool, RecordingRunner
+
+
+def envelopeFor(queueId: str, **kw: Any) -> Envelope:
+    fields: dict[str, Any] = dict(
+        sender="alice@example.org",
+        recipients=("bob@example.net", "carol@example.net"),
+        auth="alice",
+        authUser="alice",
+        clientAddress="192.0.2.1",
+        helo="client.example",
+        receivedAt=1_800_000_000.0,
+        size=12,
+    )
+    fields.update(kw)
+    return Envelope(queueId=queueId, **fields)
+
+
+class SpoolContractMixin:
+    """
+    What every L{ISpool} does.
+    """
+
+    spool: Any
+
+    def makeSpool(self) -> Any:
+        raise NotImplementedError()
+
+    def messageOf(self, queueId: str) -> bytes:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.spool = self.makeSpool()
+        self.committed: list[str] = []
+        self.spool.addListener(self.committed.append)
+
+    def commit(self, data: bytes = b"Subject: x\n\nhello\n", **kw: Any) -> str:
+        writer = self.spool.newMessage()
+        writer.write(data)
+        d = writer.commit(envelopeFor(writer.queueId, **kw))
+        return self.successResultOf(d)
+
+    def test_interfaces(self) -> None:
+        """
+        The spool and its writers provide L{ISpool} and L{ISpoolWriter}.
+        """
+        self.assertTrue(verifyObject(ISpool, self.spool))
+        self.assertTrue(verifyObject(ISpoolWriter, self.spool.newMessage()))
+
+    def test_commit(self) -> None:
+        """
+        A committed message is queued with its envelope and bytes, and the
+        listeners hear of it.
+        """
+        queueId = self.commit()
+        self.assertEqual(self.spool.queued(), [queueId])
+        self.assertEqual(self.spool.load(queueId), envelopeFor(queueId))
+        self.assertEqual(self.messageOf(queueId), b"Subject: x\n\nhello\n")
+        self.assertEqual(self.committed, [queueId])
+
+    def test_uncommittedInvisible(self) -> None:
+        """
+        A message being written is not in the queue.
+        """
+        writer = self.spool.newMessage()
+        writer.write(b"data\n")
+        self.assertEqual(self.spool.queued(), [])
+
+    def test_abort(self) -> None:
+        """
+        An aborted message leaves nothing behind.
+        """
+        writer = self.spool.newMessage()
+        writer.write(b"data\n")
+        self.successResultOf(writer.abort())
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(self.committed, [])
+
+    def test_saveEnvelope(self) -> None:
+        """
+        A replaced envelope is what L{ISpool.load} gives afterwards.
+        """
+        queueId = self.commit()
+        updated = self.spool.load(queueId).withAttempt(
+            Attempt(1.0, "mx.example.net", "451 4.3.0 try later"), ("bob@example.net",)
+        )
+        self.successResultOf(self.spool.saveEnvelope(updated))
+        self.assertEqual(self.spool.load(queueId), updated)
+
+    def test_remove(self) -> None:
+        """
+        A removed message is gone.
+        """
+        queueId = self.commit()
+        self.successResultOf(self.spool.remove(queueId))
+        self.assertEqual(self.spool.queued(), [])
+        self.assertRaises(KeyError, self.spool.load, queueId)
+
+    def test_loadUnknown(self) -> None:
+        """
+        Loading an unknown id raises L{KeyError}.
+        """
+        self.assertRaises(KeyError, self.spool.load, "NOPE")
+
+    def test_uniqueIds(self) -> None:
+        """
+        Every message gets its own id.
+        """
+        ids = {self.commit() for _ in range(20)}
+        self.assertEqual(len(ids), 20)
+
+
+class MemorySpoolTests(SpoolContractMixin, SynchronousTestCase):
+    def makeSpool(self) -> MemorySpool:
+        return MemorySpool()
+
+    def messageOf(self, queueId: str) -> bytes:
+        return self.spool.messageBytes(queueId)
+
+
+class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
+    def makeSpool(self) -> Spool:
+        self.directory = self.mktemp()
+        self.runner = RecordingRunner()
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        spool = Spool(self.directory, self.runner, self.clock)
+        spool.prepare()
+        return spool
+
+    def messageOf(self, queueId: str) -> bytes:
+        with open(self.spool.messagePath(queueId), "rb") as f:
+            return f.read()
+
+    def test_layout(self) -> None:
+        """
+        A committed message is C{queued/ID.msg} plus a readable JSON
+        C{queued/ID.env}; C{tmp/} is empty again.
+        """
+        queueId = self.commit()
+        queued = os.path.join(self.directory, "queued")
+        self.assertEqual(
+            sorted(os.listdir(queued)), [queueId + ".env", queueId + ".msg"]
+        )
+        with open(os.path.join(queued, queueId + ".env")) as f:
+            data = json.load(f)
+        self.assertEqual(data["sender"], "alice@example.org")
+        self.assertEqual(data["recipients"], ["bob@example.net", "carol@example.net"])
+        self.assertEqual(data["authUser"], "alice")
+        self.assertEqual(data["clientAddress"], "192.0.2.1")
+        self.assertEqual(data["version"], 1)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+
+    def test_fileWorkInThreads(self) -> None:
+        """
+        Writing, committing, saving and removing all go through
+        C{runInThread}, never the caller's (reactor) thread.
+        """
+        queueId = self.commit()
+        self.successResultOf(self.spool.saveEnvelope(self.spool.load(queueId)))
+        self.successResultOf(self.spool.remove(queueId))
+        names = [f.__name__ for f in self.runner.calls]
+        self.assertEqual(
+            names,
+            ["_writeChunk", "_commitInThread", "writeFileDurably", "removeInThread"],
+        )
+
+    def test_fsync(self) -> None:
+        """
+        Commit fsyncs the message, the envelope and the queue directory
+        before it reports success.
+        """
+        synced: list[str] = []
+        realFsync = os.fsync
+
+        def spyFsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            realFsync(fd)
+
+        self.patch(os, "fsync", spyFsync)
+        queueId = self.commit()
+        queued = os.path.realpath(os.path.join(self.directory, "queued"))
+        tmp = os.path.realpath(os.path.join(self.directory, "tmp"))
+        self.assertEqual(synced[0], os.path.join(tmp, queueId + ".msg"))
+        self.assertTrue(synced[1].startswith(os.path.join(tmp, queueId + ".env.")))
+        self.assertEqual(synced[2], queued)
+
+    def test_chunkedWrites(self) -> None:
+        """
+        Large messages are written in chunks as they arrive, not held in
+        memory until the end.
+        """
+        self.spool.chunkSize = 1000
+        writer = self.spool.newMessage()
+        for _ in range(10):
+            writer.write(b"x" * 299 + b"\n")
+        self.assertEqual(
+            [f.__name__ for f in self.runner.calls], ["_writeChunk", "_writeChunk"]
+        )
+        self.successResultOf(writer.commit(envelopeFor(writer.queueId)))
+        self.assertEqual(self.messageOf(writer.queueId), (b"x" * 299 + b"\n") * 10)
+
+    def test_prepareRemovesCrashTraces(self) -> None:
+        """
+        At start, partial files in C{tmp/} and message bytes without an
+        envelope (a crash before the 250) are removed; committed messages
+        stay.
+        """
+        kept = self.commit()
+        queued = os.path.join(self.directory, "queued")
+        with open(os.path.join(queued, "ORPHAN.msg"), "wb") as f:
+            f.write(b"never acknowledged")
+        with open(os.path.join(self.directory, "tmp", "PARTIAL.msg"), "wb") as f:
+            f.write(b"half")
+        self.spool.prepare()
+        self.assertEqual(sorted(os.listdir(queued)), [kept + ".env", kept + ".msg"])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+        self.assertEqual(self.spool.queued(), [kept])
+
+    def test_writeErrorReportedAtCommit(self) -> None:
+        """
+        A write error (disk full) fails the commit with an insufficient
+        storage L{SpoolError}, and leaves nothing behind.
+        """
+        writer = self.spool.newMessage()
+
+        class FullFile:
+            def write(self, data: bytes) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def close(self) -> None:
+                pass
+
+        writer._file = FullFile()
+        writer.write(b"data\n")
+        writer._flushPending()
+        failure = self.failureResultOf(
+            writer.commit(envelopeFor(writer.queueId)), SpoolError
+        )
+        self.assertTrue(failure.value.insufficientStorage)
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(self.committed, [])
+
+    def test_commitErrorIsSpoolError(self) -> None:
+        """
+        An I/O error while committing becomes a L{SpoolError} that is not a
+        lack of space, and the message is not queued.
+        """
+        writer = self.spool.newMessage()
+        writer.write(b"data\n")
+        os.rmdir(os.path.join(self.directory, "tmp"))
+        failure = self.failureResultOf(
+            writer.commit(envelopeFor(writer.queueId)), SpoolError
+        )
+        self.assertFalse(failure.value.insufficientStorage)
+        self.assertEqual(self.spool.queued(), [])
+
+    def test_orderOfQueue(self) -> None:
+        """
+        L{Spool.queued} lists messages oldest first.
+        """
+        first = self.commit()
+        self.clock.advance(1)
+        second = self.commit()
+        self.assertEqual(self.spool.queued(), [first, second])
+
+    def test_envelopeOnlyForItsMessage(self) -> None:
+        """
+        Committing a writer with another message's envelope is refused.
+        """
+        writer = self.spool.newMessage()
+        self.assertRaises(ValueError, writer.commit, envelopeFor("OTHER"))
+
+
+class QueueIdTests(SynchronousTestCase):
+    def test_sortsByTime(self) -> None:
+        """
+        Queue ids sort in the order of their times.
+        """
+        self.assertLess(newQueueId(1_800_000_000.001), newQueueId(1_800_000_000.002))
+
+    def test_safeForFileNames(self) -> None:
+        """
+        Queue ids are upper-case hex only.
+        """
+        queueId = newQueueId(1_800_000_000)
+        self.assertRegex(queueId, r"^[0-9A-F]{17}$")
