@@ -118,6 +118,7 @@ def demoCommand(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     )
     stdout.flush()
     os.execv(
-        sys.executable, twistdCommand(["-n", "smtpauth-relay", "--config", config])
+        sys.executable,
+        twistdCommand(["-n", "--pidfile=", "smtpauth-relay", "--config", config]),
     )
     return 1  # not reached

@@ -115,9 +115,7 @@ class QueueRunner(Service):
         except KeyError:
             return None
         try:
-            report = await self.agent.deliver(
-                envelope, self.spool.messagePath(queueId)
-            )
+            report = await self.agent.deliver(envelope, self.spool.messagePath(queueId))
         except Exception as e:
             report = DeliveryReport(
                 deferred={r: f"{type(e).__name__}: {e}" for r in envelope.recipients}
