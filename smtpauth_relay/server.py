@@ -52,6 +52,7 @@ from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
 from smtpauth_relay.interfaces import ISpool
 from smtpauth_relay.policy import RelayPolicy
+from smtpauth_relay.rdns import confirmedName
 from smtpauth_relay.replies import Reply
 from smtpauth_relay.sasl import (
     MECHANISMS,
@@ -198,7 +199,7 @@ class RelayESMTP(smtp.ESMTP):
         self._peer = ""
         self._started = 0.0
         self._accepted = 0
-        self._authUserTried: str | None = None
+        self._reverseName: str | None = None
 
     # -- connection -----------------------------------------------------
 
@@ -223,6 +224,13 @@ class RelayESMTP(smtp.ESMTP):
             self.transport.loseConnection()
             return
         self.canStartTLS = self.settings.tlsMode == "starttls" and self.ctx is not None
+        if self.factory.resolver is not None:
+            # Looked up in the background; the Received header uses the
+            # answer if it has come by DATA ("unknown" otherwise).
+            self._reverseName = "unknown"
+            confirmedName(self.factory.resolver, self._peer).addCallback(
+                self._gotReverseName
+            )
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpauth-relay"))
         self.setTimeout(self.settings.idleTimeout)
 
@@ -244,6 +252,10 @@ class RelayESMTP(smtp.ESMTP):
             accepted=self._accepted,
             errors=self._errors,
         )
+
+    def _gotReverseName(self, name: str | None) -> None:
+        if name is not None:
+            self._reverseName = name
 
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {peer}", peer=self._peer)
@@ -682,7 +694,7 @@ class RelayESMTP(smtp.ESMTP):
         header = receivedHeader(
             helo=self._heloName or "unknown",
             peerHost=self._peer,
-            reverseName=None,
+            reverseName=self._reverseName,
             byHost=self.settings.hostname,
             esmtp=self._esmtp,
             tls=self._tlsInfo(),
@@ -806,7 +818,12 @@ class RelayServerFactory(protocol.ServerFactory):
         limiter: ConnectionLimiter,
         clock: Any,
         contextFactory: Any = None,
+        resolver: Any = None,
     ) -> None:
+        """
+        @param resolver: an L{twisted.internet.interfaces.IResolver} for
+            forward-confirmed reverse DNS of clients, or C{None} for none.
+        """
         if settings.tlsMode not in TLS_MODES:
             raise ValueError(f"bad TLS mode {settings.tlsMode!r}")
         self.settings = settings
@@ -816,6 +833,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.limiter = limiter
         self.clock = clock
         self.contextFactory = contextFactory
+        self.resolver = resolver
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

@@ -88,6 +88,12 @@ def makeRelayService(
             config.tls.certificate, config.tls.private_key, config.tls.minimum_version
         )
 
+    resolver = None
+    if config.server.reverse_dns:
+        from twisted.names import client
+
+        resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+
     for listener in config.listeners:
         factory: Any = RelayServerFactory(
             sessionSettings(config, listener.tls),
@@ -97,6 +103,7 @@ def makeRelayService(
             limiter,
             reactor,
             contextFactory,
+            resolver,
         )
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"
