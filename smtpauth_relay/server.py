@@ -34,10 +34,11 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpauth_relay import replies
 from smtpauth_relay.addresses import (
@@ -74,6 +75,12 @@ AUTH_LINE_LIMIT = 12288
 """AUTH command lines and responses (RFC 4954 section 4)."""
 MAX_ERRORS = 20
 """Protocol errors before the session is closed, as Postfix's hard limit."""
+CLOSE_GRACE = 10.0
+"""
+Seconds a closing session has to flush its last reply before it is aborted:
+C{loseConnection} waits for buffered data, and a client that never reads, or
+never finishes a TLS handshake, would otherwise hold its slot for ever.
+"""
 
 _COMMANDS = {
     b"HELO": "do_HELO",
@@ -167,6 +174,7 @@ def tlsInfo(transport: Any) -> TLSInfo | None:
     return TLSInfo(version or "TLS", cipher or "unknown", bits)
 
 
+@implementer(IHandshakeListener)
 class RelayESMTP(smtp.ESMTP):
     """
     One SMTP session; see the module docstring.
@@ -200,6 +208,8 @@ class RelayESMTP(smtp.ESMTP):
         self._started = 0.0
         self._accepted = 0
         self._reverseName: str | None = None
+        self._abortCall: Any = None
+        self._handshakePending = self._secure
 
     # -- connection -----------------------------------------------------
 
@@ -221,7 +231,7 @@ class RelayESMTP(smtp.ESMTP):
                 reason=refusal.text,
             )
             self.reply(refusal)
-            self.transport.loseConnection()
+            self._close()
             return
         self.canStartTLS = self.settings.tlsMode == "starttls" and self.ctx is not None
         if self.factory.resolver is not None:
@@ -234,7 +244,30 @@ class RelayESMTP(smtp.ESMTP):
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpauth-relay"))
         self.setTimeout(self.settings.idleTimeout)
 
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (L{IHandshakeListener}).
+        """
+        self._handshakePending = False
+
+    def _close(self) -> None:
+        """
+        Close after flushing what was written, and abort if that does not
+        happen within L{CLOSE_GRACE} seconds.  During a TLS handshake nothing
+        can be flushed (the client never got the keys), so abort at once.
+        """
+        if self._handshakePending:
+            self.transport.abortConnection()
+            return
+        if self._abortCall is None:
+            self._abortCall = self.clock.callLater(
+                CLOSE_GRACE, self.transport.abortConnection
+            )
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
         if self._intake is not None:
             self._intake.abort()
             self._intake = None
@@ -260,7 +293,7 @@ class RelayESMTP(smtp.ESMTP):
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {peer}", peer=self._peer)
         self.reply(replies.IDLE_TIMEOUT)
-        self.transport.loseConnection()
+        self._close()
 
     def reply(self, reply: Reply, **fields: str) -> None:
         """
@@ -281,14 +314,14 @@ class RelayESMTP(smtp.ESMTP):
         if self._errors >= MAX_ERRORS:
             log.info("too many errors from {peer}", peer=self._peer)
             self.reply(replies.TOO_MANY_ERRORS)
-            self.transport.loseConnection()
+            self._close()
 
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if not self._secure and not self._buffer and data[:2] == b"\x16\x03":
             log.info("TLS handshake on a plain port from {peer}", peer=self._peer)
-            self.transport.loseConnection()
+            self._close()
             return
         self.resetTimeout()
         self._buffer += data
@@ -362,7 +395,7 @@ class RelayESMTP(smtp.ESMTP):
         rest = parts[1] if len(parts) == 2 else b""
         if verb in _HTTP_VERBS and self._heloName is None:
             log.info("HTTP request on SMTP port from {peer}", peer=self._peer)
-            self.transport.loseConnection()
+            self._close()
             return
         method = self.lookupMethod(verb)
         if method is None:
@@ -465,7 +498,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(replies.BYE)
-        self.transport.loseConnection()
+        self._close()
 
     def do_RSET(self, rest: bytes) -> None:
         self._resetTransaction()
@@ -496,6 +529,7 @@ class RelayESMTP(smtp.ESMTP):
             self._resetTransaction()
             self.transport.startTLS(self.ctx)
             self._secure = True
+            self._handshakePending = True
             self.startedTLS = True
 
     # -- AUTH -----------------------------------------------------------------

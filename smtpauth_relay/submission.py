@@ -80,14 +80,15 @@ class MessageIntake:
         """
         if self.error is not None:
             return
+        if line.startswith(b"."):
+            line = line[1:]
+        # RFC 5321 4.5.3.1.6: the limit does not count the transparency dot.
         if len(line) + 2 > self.maxLineLength:
             self._fail(replies.DATA_LINE_TOO_LONG)
             return
         if b"\r" in line or b"\n" in line:
             self._fail(replies.BARE_LINE_ENDING)
             return
-        if line.startswith(b"."):
-            line = line[1:]
         self.size += len(line) + 2
         if self.size > self.maxSize:
             self._fail(replies.TOO_BIG)

@@ -86,6 +86,8 @@ class Harness:
             directlyProvides(transport, ISSLTransport)
         protocol = self.factory.buildProtocol(address)
         protocol.makeConnection(transport)
+        if self.settings.tlsMode == "implicit":
+            protocol.handshakeCompleted()
         return Session(protocol, transport)
 
 
@@ -128,6 +130,7 @@ class Session:
         self.command(b"EHLO client.example")
         self.command(b"STARTTLS")
         assert self.transport.beforeTLS == b"220 2.0.0 Ready to start TLS\r\n"
+        self.protocol.handshakeCompleted()
 
     def login(self, user: str = "alice", password: str = "wonderland") -> bytes:
         self.last(b"EHLO client.example")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from smtpauth_relay.errors import SpoolError
 from smtpauth_relay.testing import spoolFull
@@ -867,6 +869,19 @@ class DataTests(SynchronousTestCase):
         )
         self.assertEqual(self.body(), b"Subject: x\n\n" + line + b"\n")
 
+    def test_stuffedLineLimit(self) -> None:
+        """
+        A 998-character line that starts with a dot is accepted: the dot the
+        client adds for transparency does not count (RFC 5321 4.5.3.1.6).
+        """
+        transaction(self.session)
+        line = b"." + b"x" * 997
+        self.assertEqual(
+            self.session.send(b"Subject: x\r\n\r\n." + line + b"\r\n.\r\n"),
+            [b"250 2.0.0 Ok: queued as Q0001"],
+        )
+        self.assertEqual(self.body(), b"Subject: x\n\n" + line + b"\n")
+
     def test_lineTooLong(self) -> None:
         """
         A 999-character line fails the message with 554 5.6.0 after the
@@ -1149,6 +1164,51 @@ class ConnectionTests(SynchronousTestCase):
             session.read(), [b"421 4.4.2 Idle timeout; closing connection"]
         )
         self.assertTrue(session.closed())
+
+    def test_abortWhenCloseHangs(self) -> None:
+        """
+        A session closed by the server whose transport cannot flush (a
+        client that never reads, or never finishes its TLS handshake) is
+        aborted after the grace period, so it gives back its slot.
+        """
+        harness = Harness(idleTimeout=300)
+        session = harness.connect()
+        harness.clock.advance(300)
+        self.assertTrue(session.closed())
+        self.assertFalse(session.transport.disconnected)
+        harness.clock.advance(10)
+        self.assertTrue(session.transport.disconnected)
+
+    def test_abortDuringHandshake(self) -> None:
+        """
+        A session closed before its TLS handshake completed (a client that
+        sent STARTTLS and then nothing) is aborted at once: no reply can
+        reach it anyway.
+        """
+        harness = Harness(idleTimeout=300)
+        session = harness.connect()
+        session.command(b"EHLO client.example")
+        session.command(b"STARTTLS")
+        harness.clock.advance(300)
+        self.assertTrue(session.transport.disconnected)
+
+    def test_handshakeListener(self) -> None:
+        """
+        The protocol hears of completed TLS handshakes from Twisted's TLS
+        layer (L{IHandshakeListener}).
+        """
+        session = Harness().connect()
+        self.assertTrue(verifyObject(IHandshakeListener, session.protocol))
+
+    def test_noAbortAfterCleanClose(self) -> None:
+        """
+        Once the connection is gone, the abort fallback is cancelled.
+        """
+        harness = Harness()
+        session = harness.connect()
+        session.command(b"QUIT")
+        session.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
 
     def test_noTimeoutWhileWaitingOnServer(self) -> None:
         """

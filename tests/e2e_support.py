@@ -1,0 +1,514 @@
+"""
+Helpers for L{tests.test_e2e}: a real relay in a subprocess, and a small SMTP
+client over raw sockets for what smtplib is too polite to send.
+
+Nothing here imports the reactor: the relay runs in another process and the
+tests talk to it with blocking sockets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from twisted.trial.unittest import FailTest
+
+from smtpauth_relay.demo import twistdCommand
+from smtpauth_relay.htpasswd import setUser
+from smtpauth_relay.passwords import hashPassword
+from smtpauth_relay.tls import generateSelfSigned
+
+T = TypeVar("T")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The source tree holding C{twisted/plugins/smtpauth_relay_plugin.py}."""
+
+HOST = "127.0.0.1"
+HOSTNAME = "relay-e2e.test"
+"""The relay's C{[server] hostname}: in the greeting and C{Received: by}."""
+CLIENT_NAME = "client.e2e.test"
+"""What the tests say in EHLO (and what keeps smtplib from calling getfqdn)."""
+USER = "alice"
+PASSWORD = "correct horse battery staple"
+OTHER_USER = "bob"
+OTHER_PASSWORD = "another secret"
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+DELIVERY_TIMEOUT = 15.0
+POLL_INTERVAL = 0.05
+IO_TIMEOUT = 10.0
+
+
+def poll(
+    check: Callable[[], T | None],
+    timeout: float,
+    describe: Callable[[], str],
+    interval: float = POLL_INTERVAL,
+) -> T:
+    """
+    Call C{check} until it returns something other than C{None} (or
+    C{False}), or fail the test (L{FailTest}) with C{describe()} once
+    C{timeout} seconds are up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise FailTest(f"gave up after {timeout}s waiting: {describe()}")
+        time.sleep(interval)
+
+
+def freePorts(count: int) -> list[int]:
+    """
+    C{count} distinct TCP ports on 127.0.0.1 that were free a moment ago
+    (bound to port 0 together, then closed).
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def clientContext(
+    minimum: ssl.TLSVersion | None = None, maximum: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    """
+    A client TLS context that accepts the relay's self-signed certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if minimum is not None:
+        context.minimum_version = minimum
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+def toml(value: object) -> str:
+    """
+    A Python value as a TOML value (strings, numbers, booleans, lists).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+@dataclass(eq=False)
+class RelayProcess:
+    """
+    One relay: its files in a temporary directory and its C{twistd}
+    process.
+
+    @ivar server: extra C{[server]} keys.
+    @ivar tls: extra C{[tls]} keys.
+    """
+
+    server: dict[str, object] = field(default_factory=dict)
+    tls: dict[str, object] = field(default_factory=dict)
+    directory: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="smtpauth-e2e-")
+        self.starttlsPort, self.implicitPort, self.plainPort = freePorts(3)
+        self.queueDirectory = os.path.join(self.directory, "queue")
+        self.maildir = os.path.join(self.directory, "maildir")
+        self.configPath = os.path.join(self.directory, "relay.toml")
+        self.logPath = os.path.join(self.directory, "relay.log")
+        d = self.directory
+        self.certificate = os.path.join(d, "cert.pem")
+        self.privateKey = os.path.join(d, "key.pem")
+        generateSelfSigned(self.certificate, self.privateKey, HOSTNAME)
+        self.users = os.path.join(d, "users")
+        setUser(self.users, USER, hashPassword(PASSWORD.encode(), rounds=4))
+        setUser(self.users, OTHER_USER, hashPassword(OTHER_PASSWORD.encode(), rounds=4))
+        self._writeConfig()
+
+    def _writeConfig(self) -> None:
+        cert, key, users = self.certificate, self.privateKey, self.users
+        server = {"hostname": HOSTNAME, "reverse_dns": False, **self.server}
+        tls = {"certificate": cert, "private_key": key, **self.tls}
+        lines = ["[server]"]
+        lines += [f"{k} = {toml(v)}" for k, v in server.items()]
+        lines += ["", "[tls]"]
+        lines += [f"{k} = {toml(v)}" for k, v in tls.items()]
+        for port, mode in (
+            (self.starttlsPort, "starttls"),
+            (self.implicitPort, "implicit"),
+            (self.plainPort, "none"),
+        ):
+            lines += [
+                "",
+                "[[listener]]",
+                f"endpoint = {toml(f'tcp:port={port}:interface={HOST}')}",
+                f"tls = {toml(mode)}",
+            ]
+        lines += [
+            "",
+            "[auth]",
+            f"checkers = {toml(['htpasswd:' + users])}",
+            "",
+            "[relay]",
+            "trusted_networks = []",
+            "",
+            "[queue]",
+            f"directory = {toml(self.queueDirectory)}",
+            "",
+            "[delivery]",
+            'mode = "maildir"',
+            f"directory = {toml(self.maildir)}",
+        ]
+        with open(self.configPath, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return (self.starttlsPort, self.implicitPort, self.plainPort)
+
+    def log(self) -> str:
+        """
+        Everything the relay wrote to stdout and stderr so far.
+        """
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self, attempts: int = 3) -> None:
+        """
+        Start C{twistd -n smtpauth-relay --config ...} and wait until every
+        listener accepts connections.  Should another process have taken
+        one of the ports since they were chosen, choose new ones and try
+        again (up to C{attempts} times in all).
+        """
+        for attempt in range(attempts):
+            logStart = len(self.log())
+            try:
+                self._start()
+                return
+            except AssertionError:
+                if attempt + 1 == attempts or (
+                    "Address already in use" not in self.log()[logStart:]
+                ):
+                    raise
+            self.starttlsPort, self.implicitPort, self.plainPort = freePorts(3)
+            self._writeConfig()
+
+    def _start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        command = twistdCommand(
+            ["-n", "--pidfile=", "smtpauth-relay", "--config", self.configPath]
+        )
+        with open(self.logPath, "ab") as log:
+            log.write(f"=== starting: {command}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _running.add(self)
+        try:
+            for port in self.ports:
+                poll(
+                    lambda port=port: self._accepts(port),
+                    START_TIMEOUT,
+                    lambda port=port: (
+                        f"relay to listen on {HOST}:{port}\n" + self.log()
+                    ),
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _accepts(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"relay exited with status {self.process.returncode} "
+                f"before listening on {port}:\n{self.log()}"
+            )
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """
+        SIGTERM, wait, SIGKILL if it does not exit.
+        """
+        process = self.process
+        _running.discard(self)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+
+    def remove(self) -> None:
+        """
+        Stop the relay and delete its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def kill9(self) -> None:
+        """
+        C{kill -9} the relay: no shutdown code runs.
+        """
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(STOP_TIMEOUT)
+        _running.discard(self)
+
+    # -- the spool and the Maildir --------------------------------------
+
+    def spoolFiles(self) -> list[str]:
+        """
+        Every file in the spool's C{tmp/} and C{queued/}.
+        """
+        names = []
+        for sub in ("tmp", "queued"):
+            path = os.path.join(self.queueDirectory, sub)
+            try:
+                names += [os.path.join(sub, n) for n in os.listdir(path)]
+            except FileNotFoundError:
+                pass
+        return sorted(names)
+
+    def maildirFiles(self) -> dict[str, bytes]:
+        """
+        The files in the Maildir's C{new/}, by name.
+        """
+        new = os.path.join(self.maildir, "new")
+        result = {}
+        try:
+            names = os.listdir(new)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        for name in names:
+            try:
+                with open(os.path.join(new, name), "rb") as f:
+                    result[name] = f.read()
+            except FileNotFoundError:
+                pass
+        return result
+
+    def delivered(self, marker: bytes) -> list[bytes]:
+        """
+        The delivered messages that contain C{marker}.
+        """
+        return [data for data in self.maildirFiles().values() if marker in data]
+
+    def waitForDelivery(self, marker: bytes) -> bytes:
+        """
+        Wait for the one message containing C{marker} to be in C{new/}.
+        """
+
+        def check() -> bytes | None:
+            found = self.delivered(marker)
+            if len(found) > 1:
+                raise AssertionError(f"{marker!r} delivered {len(found)} times")
+            return found[0] if found else None
+
+        return poll(
+            check,
+            DELIVERY_TIMEOUT,
+            lambda: (
+                f"a message with {marker!r} in {self.maildir}/new; "
+                f"spool: {self.spoolFiles()}\n{self.log()}"
+            ),
+        )
+
+    def waitForEmptySpool(self) -> None:
+        """
+        Wait until nothing is left in the spool (written, queued or being
+        thrown away).
+        """
+        poll(
+            lambda: not self.spoolFiles(),
+            DELIVERY_TIMEOUT,
+            lambda: f"an empty spool, still: {self.spoolFiles()}\n{self.log()}",
+        )
+
+
+_running: set[RelayProcess] = set()
+
+
+@atexit.register
+def _stopAll() -> None:
+    """
+    Never leave a relay behind, whatever the tests did.
+    """
+    for relay in list(_running):
+        relay.remove()
+
+
+class ConnectionClosed(Exception):
+    """
+    The relay closed the connection while a reply was expected.
+    """
+
+
+@dataclass(frozen=True)
+class SMTPReply:
+    """
+    One reply: its code and its lines (without the code and separator).
+    """
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def enhanced(self) -> str:
+        """
+        The enhanced status code of the last line, or C{""}.
+        """
+        first = self.lines[-1].split(" ", 1)[0] if self.lines else ""
+        return first if first[:1].isdigit() and first.count(".") == 2 else ""
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class RawSMTP:
+    """
+    An SMTP client that sends exactly the bytes it is given and parses
+    replies; for pipelining, smuggling and other impolite input.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        implicitTLS: bool = False,
+        context: ssl.SSLContext | None = None,
+        sourceAddress: str | None = None,
+        timeout: float = IO_TIMEOUT,
+    ) -> None:
+        source = (sourceAddress, 0) if sourceAddress else None
+        self.sock: socket.socket = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=source
+        )
+        self._buffer = b""
+        if implicitTLS:
+            self.sock = (context or clientContext()).wrap_socket(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSMTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionClosed(f"connection closed; unparsed: {self._buffer!r}")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> SMTPReply:
+        """
+        Read one (possibly multi-line) reply.
+        """
+        lines = []
+        while True:
+            line = self._line()
+            if len(line) < 3 or not line[:3].isdigit():
+                raise AssertionError(f"not an SMTP reply line: {line!r}")
+            lines.append(line[4:].decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                return SMTPReply(int(line[:3]), tuple(lines))
+
+    def command(self, line: str | bytes) -> SMTPReply:
+        """
+        Send one command line (CRLF added) and read its reply.
+        """
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def startTLS(self, context: ssl.SSLContext | None = None) -> None:
+        """
+        Do the TLS handshake on the connection as it is now (after a 220 to
+        STARTTLS); anything still unread is an error.
+        """
+        if self._buffer:
+            raise AssertionError(f"data before the TLS handshake: {self._buffer!r}")
+        self.sock = (context or clientContext()).wrap_socket(self.sock)
+
+    def readUntilClosed(self) -> list[SMTPReply]:
+        """
+        Every reply until the relay closes the connection.
+        """
+        result = []
+        while True:
+            try:
+                result.append(self.reply())
+            except ConnectionClosed:
+                if self._buffer:
+                    raise
+                return result
+
+    def closedWithoutReply(self) -> bool:
+        """
+        Whether the relay closes the connection without sending any more.
+        """
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return not self._buffer
+                self._buffer += chunk
+        except ConnectionResetError:
+            return not self._buffer
