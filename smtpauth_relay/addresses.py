@@ -8,6 +8,7 @@ L{ParameterError} into replies.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ _QUOTED_STRING = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LOCAL_PART = rb"(?:" + _DOT_STRING + rb"|" + _QUOTED_STRING + rb")"
 _LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*)"
-_ADDRESS_LITERAL = rb"\[[\x21-\x5a\x5e-\x7e]+\]"
+_ADDRESS_LITERAL = rb"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]"
 _MAILBOX = re.compile(
     rb"(" + _LOCAL_PART + rb")@(" + _DOMAIN + rb"|" + _ADDRESS_LITERAL + rb")\Z"
 )
@@ -27,6 +28,8 @@ _MAILBOX = re.compile(
 _SOURCE_ROUTE = re.compile(rb"@" + _DOMAIN + rb"(?:,@" + _DOMAIN + rb")*:")
 _ESMTP_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _ESMTP_VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e]+\Z")
+
+_MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "AUTH"})
 
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -78,6 +81,9 @@ def parsePath(raw: bytes, allowNull: bool) -> str:
     """
     if not (raw.startswith(b"<") and raw.endswith(b">")):
         raise PathSyntaxError("address must be in angle brackets")
+    # RFC 5321 4.5.3.1.3: 256 octets including the punctuation.
+    if len(raw) > MAX_PATH:
+        raise PathSyntaxError("address too long")
     inner = raw[1:-1]
     if inner == b"":
         if allowNull:
@@ -86,8 +92,6 @@ def parsePath(raw: bytes, allowNull: bool) -> str:
     route = _SOURCE_ROUTE.match(inner)
     if route:
         inner = inner[route.end() :]
-    if len(inner) > MAX_PATH:
-        raise PathSyntaxError("address too long")
     m = _MAILBOX.match(inner)
     if not m:
         raise PathSyntaxError("malformed address")
@@ -96,7 +100,25 @@ def parsePath(raw: bytes, allowNull: bool) -> str:
         raise PathSyntaxError("local part too long")
     if len(domain) > MAX_DOMAIN:
         raise PathSyntaxError("domain too long")
+    if domain.startswith(b"[") and not _validLiteral(domain[1:-1]):
+        raise PathSyntaxError("malformed address literal")
     return inner.decode("ascii")
+
+
+def _validLiteral(literal: bytes) -> bool:
+    """
+    Whether C{literal} (without brackets) is an IPv4 or C{IPv6:} address
+    literal (RFC 5321 4.1.3); general address literals are not accepted.
+    """
+    text = literal.decode("ascii")
+    try:
+        if text.startswith("IPv6:"):
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _splitArgument(argument: bytes, keyword: bytes) -> tuple[bytes, list[bytes]]:
@@ -136,13 +158,19 @@ def _closingBracket(data: bytes) -> int:
     raise PathSyntaxError("unterminated address")
 
 
-def _parameters(params: list[bytes]) -> dict[str, bytes | None]:
+def _parameters(params: list[bytes], known: frozenset[str]) -> dict[str, bytes | None]:
+    """
+    Split ESMTP parameters into a dict; a keyword not in C{known} is
+    reported as unknown (555) before its value is looked at.
+    """
     result: dict[str, bytes | None] = {}
     for p in params:
         keyword, sep, value = p.partition(b"=")
         if not _ESMTP_KEYWORD.match(keyword):
             raise ParameterError("malformed parameter")
         name = keyword.decode("ascii").upper()
+        if name not in known:
+            raise ParameterError(f"{name} parameter not supported", unknown=True)
         if name in result:
             raise ParameterError(f"duplicate {name} parameter")
         if sep and not _ESMTP_VALUE.match(value):
@@ -153,9 +181,9 @@ def _parameters(params: list[bytes]) -> dict[str, bytes | None]:
 
 def xtextDecode(value: bytes) -> str:
     """
-    Decode RFC 3461 xtext (C{+XX} escapes).
+    Decode RFC 3461 xtext (C{+XX} escapes); the octets are read as UTF-8.
 
-    @raise ParameterError: on a malformed escape or a non-ASCII result.
+    @raise ParameterError: on a malformed escape or invalid UTF-8.
     """
     out = bytearray()
     i = 0
@@ -197,7 +225,7 @@ def parseMailFrom(argument: bytes) -> MailFrom:
     """
     path, rawParams = _splitArgument(argument, b"FROM:")
     sender = parsePath(path, allowNull=True)
-    params = _parameters(rawParams)
+    params = _parameters(rawParams, _MAIL_PARAMETERS)
     size: int | None = None
     body = "7BIT"
     auth: str | None = None
@@ -214,8 +242,6 @@ def parseMailFrom(argument: bytes) -> MailFrom:
             if value is None:
                 raise ParameterError("AUTH needs a value")
             auth = "<>" if value == b"<>" else xtextDecode(value)
-        else:
-            raise ParameterError(f"{name} parameter not supported", unknown=True)
     return MailFrom(sender=sender, size=size, body=body, auth=auth)
 
 
@@ -228,9 +254,5 @@ def parseRcptTo(argument: bytes) -> str:
     """
     path, rawParams = _splitArgument(argument, b"TO:")
     recipient = parsePath(path, allowNull=False)
-    params = _parameters(rawParams)
-    if params:
-        raise ParameterError(
-            f"{next(iter(params))} parameter not supported", unknown=True
-        )
+    _parameters(rawParams, frozenset())
     return recipient

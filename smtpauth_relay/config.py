@@ -29,15 +29,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.tls import keyMatches, loadCertificates, loadPrivateKey
 
 __all__ = [
     "AuthConfig",
@@ -697,17 +695,6 @@ def _parseNetwork(value: str) -> IPNetwork | str:
     return f'"{value}" has host bits set; did you mean "{loose}"?'
 
 
-def _readPEM(path: str) -> bytes | str:
-    """
-    @return: The contents of C{path}, or why it could not be read.
-    """
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        return f'cannot read "{path}": {e.strerror or e}'
-
-
 class _Table:
     """
     One table of the document, and the values read from it so far.
@@ -1091,41 +1078,25 @@ class _Validator:
         """
         certificate = key = None
         if tls.certificate is not None:
-            pem = _readPEM(tls.certificate)
-            if isinstance(pem, str):
-                table.report("certificate", pem)
-            else:
-                try:
-                    certificate = x509.load_pem_x509_certificates(pem)[0]
-                except ValueError as e:
-                    table.report(
-                        "certificate",
-                        f'"{tls.certificate}" holds no usable PEM certificate: {e}',
-                    )
+            try:
+                certificate = loadCertificates(tls.certificate)[0]
+            except OSError as e:
+                table.report(
+                    "certificate", f'cannot read "{tls.certificate}": {e.strerror or e}'
+                )
+            except ValueError as e:
+                table.report("certificate", str(e))
         if tls.private_key is not None:
-            pem = _readPEM(tls.private_key)
-            if isinstance(pem, str):
-                table.report("private_key", pem)
-            else:
-                try:
-                    key = serialization.load_pem_private_key(pem, password=None)
-                except TypeError:
-                    table.report(
-                        "private_key",
-                        f'"{tls.private_key}" is encrypted; the relay cannot '
-                        "ask for a passphrase, so store the key unencrypted",
-                    )
-                except (ValueError, UnsupportedAlgorithm) as e:
-                    table.report(
-                        "private_key",
-                        f'"{tls.private_key}" holds no usable PEM private key: {e}',
-                    )
+            try:
+                key = loadPrivateKey(tls.private_key)
+            except OSError as e:
+                table.report(
+                    "private_key", f'cannot read "{tls.private_key}": {e.strerror or e}'
+                )
+            except ValueError as e:
+                table.report("private_key", str(e))
         if certificate is not None and key is not None:
-            spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            der = serialization.Encoding.DER
-            if key.public_key().public_bytes(der, spki) != (
-                certificate.public_key().public_bytes(der, spki)
-            ):
+            if not keyMatches(key, certificate):
                 table.report(
                     "private_key",
                     f'"{tls.private_key}" does not match the certificate '

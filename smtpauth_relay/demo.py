@@ -10,6 +10,7 @@ Then it runs C{twistd -n smtpauth-relay --config var/relay.toml}.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -40,7 +41,7 @@ endpoint = "tcp:port={submissionsPort}:interface=127.0.0.1"
 tls = "implicit"
 
 [auth]
-checkers = ["htpasswd:{users}"]
+checkers = [{checker}]
 
 [queue]
 directory = "spool"
@@ -49,6 +50,13 @@ directory = "spool"
 mode = "maildir"
 directory = "maildir"
 """
+
+
+def tomlString(text: str) -> str:
+    """
+    C{text} as a TOML basic string (its escapes are JSON's).
+    """
+    return json.dumps(text)
 
 
 def prepareDemo(
@@ -83,7 +91,7 @@ def prepareDemo(
                 CONFIG_TEMPLATE.format(
                     submissionPort=submissionPort,
                     submissionsPort=submissionsPort,
-                    users=users,
+                    checker=tomlString("htpasswd:" + users),
                 )
             )
     return config, password

@@ -87,8 +87,15 @@ class Envelope:
             if not isinstance(data, dict):
                 raise ValueError("envelope is not a JSON object")
             data.pop("version", None)
+            _check(data, _ENVELOPE_TYPES)
             data["recipients"] = tuple(data["recipients"])
-            data["attempts"] = tuple(Attempt(**a) for a in data.get("attempts", ()))
+            attempts = []
+            for a in data.get("attempts", ()):
+                if not isinstance(a, dict):
+                    raise ValueError("attempt is not a JSON object")
+                _check(a, _ATTEMPT_TYPES)
+                attempts.append(Attempt(**a))
+            data["attempts"] = tuple(attempts)
             return cls(**data)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"bad envelope: {e}") from e
@@ -100,6 +107,45 @@ class Envelope:
         return replace(
             self, attempts=self.attempts + (attempt,), recipients=tuple(remaining)
         )
+
+
+_STR = (str,)
+_NUMBER = (int, float)
+_ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
+    "queueId": _STR,
+    "sender": _STR,
+    "recipients": (list,),
+    "auth": _STR,
+    "authUser": (str, type(None)),
+    "clientAddress": _STR,
+    "helo": _STR,
+    "receivedAt": _NUMBER,
+    "size": (int,),
+    "body": _STR,
+    "attempts": (list,),
+}
+_ATTEMPT_TYPES: dict[str, tuple[type, ...]] = {
+    "time": _NUMBER,
+    "host": _STR,
+    "reply": _STR,
+}
+
+
+def _check(data: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
+    """
+    Refuse unknown fields and fields of the wrong JSON type (a hand-edited
+    or corrupt envelope must not be delivered to one-letter addresses).
+
+    @raise ValueError: naming the field at fault.
+    """
+    for name, value in data.items():
+        if name not in types:
+            raise ValueError(f"unknown envelope field {name!r}")
+        if isinstance(value, bool) or not isinstance(value, types[name]):
+            raise ValueError(f"envelope field {name!r} has the wrong type")
+    recipients = data.get("recipients")
+    if recipients is not None and not all(isinstance(r, str) for r in recipients):
+        raise ValueError("envelope field 'recipients' must hold strings")
 
 
 @dataclass(frozen=True)

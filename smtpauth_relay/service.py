@@ -14,7 +14,10 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.cred import strcred
-from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -32,6 +35,22 @@ from smtpauth_relay.spool import Spool, reactorThreadRunner
 from smtpauth_relay.tls import serverContextFactory
 
 log = Logger()
+
+
+def adaptChecker(checker: ICredentialsChecker) -> ICredentialsChecker:
+    """
+    Twisted's own C{memory:} checker keeps its users as text, while SMTP
+    credentials (ours and twisted.mail's) are bytes, so it would refuse
+    everyone; convert its users to bytes.  Other checkers pass unchanged.
+    """
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode() if isinstance(k, str) else k): (
+                v.encode() if isinstance(v, str) else v
+            )
+            for k, v in checker.users.items()
+        }
+    return checker
 
 
 def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
@@ -70,7 +89,7 @@ def makeRelayService(
     spool.prepare()
 
     checkers = [strcred.makeChecker(c) for c in config.auth.checkers]
-    checkers += list(extraCheckers)
+    checkers = [adaptChecker(c) for c in checkers + list(extraCheckers)]
     portal = makePortal(checkers, reactor)
     if not checkers:
         log.warn("no credential checkers configured: AUTH is not offered")

@@ -10,8 +10,10 @@ import os
 import re
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 
@@ -19,6 +21,8 @@ VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
+
+PrivateKey = PrivateKeyTypes
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -29,14 +33,57 @@ def loadCertificates(certificatePath: str) -> list[x509.Certificate]:
     """
     Every certificate in a PEM file: the server's first, then its chain.
 
-    @raise ValueError: if there is none.
+    @raise OSError: if the file cannot be read.
+    @raise ValueError: if it holds no usable PEM certificate.
     """
     with open(certificatePath, "rb") as f:
         pem = f.read()
-    certs = [x509.load_pem_x509_certificate(block) for block in _PEM_CERT.findall(pem)]
-    if not certs:
-        raise ValueError(f"no PEM certificate in {certificatePath}")
-    return certs
+    blocks = _PEM_CERT.findall(pem)
+    if not blocks:
+        raise ValueError(
+            f'"{certificatePath}" holds no usable PEM certificate: '
+            "no BEGIN CERTIFICATE block"
+        )
+    try:
+        return [x509.load_pem_x509_certificate(block) for block in blocks]
+    except ValueError as e:
+        raise ValueError(
+            f'"{certificatePath}" holds no usable PEM certificate: {e}'
+        ) from None
+
+
+def loadPrivateKey(privateKeyPath: str) -> PrivateKey:
+    """
+    The private key in a PEM file.
+
+    @raise OSError: if the file cannot be read.
+    @raise ValueError: if it holds no usable key, or an encrypted one (a
+        service has nobody to type the passphrase).
+    """
+    with open(privateKeyPath, "rb") as f:
+        pem = f.read()
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ValueError(
+            f'"{privateKeyPath}" is encrypted; the relay cannot ask for a '
+            "passphrase, so store the key unencrypted"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ValueError(
+            f'"{privateKeyPath}" holds no usable PEM private key: {e}'
+        ) from None
+
+
+def keyMatches(key: PrivateKey, certificate: x509.Certificate) -> bool:
+    """
+    Whether C{key} is the private key of C{certificate}.
+    """
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(
+        der, spki
+    ) == certificate.public_key().public_bytes(der, spki)
 
 
 def serverContextFactory(
@@ -47,19 +94,15 @@ def serverContextFactory(
     (C{fullchain.pem}), the private key, and no protocol below
     C{minimumVersion}.
 
-    @raise ValueError: for unreadable files, a key that does not match the
+    @raise OSError: for unreadable files.
+    @raise ValueError: for unusable files, a key that does not match the
         certificate, or an unknown version.
     """
     if minimumVersion not in VERSIONS:
         raise ValueError(f"unknown TLS version {minimumVersion!r}")
     certs = loadCertificates(certificatePath)
-    with open(privateKeyPath, "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), password=None)
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != certs[0].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    key = loadPrivateKey(privateKeyPath)
+    if not keyMatches(key, certs[0]):
         raise ValueError(
             f"private key {privateKeyPath} does not match certificate {certificatePath}"
         )
@@ -110,6 +153,7 @@ def generateSelfSigned(
         serialization.NoEncryption(),
     )
     fd = os.open(privateKeyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when replacing an existing, laxer file
     with os.fdopen(fd, "wb") as f:
         f.write(keyPem)
     with open(certificatePath, "wb") as f:

@@ -26,8 +26,11 @@ from smtpauth_relay.auth import ChainChecker, LoginContext, Submitter, login
 from smtpauth_relay.checkers import HtpasswdChecker
 from smtpauth_relay.config import Config, parseConfig
 from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.htpasswd import setUser
+from smtpauth_relay.passwords import hashPassword
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import RelayServerFactory
+from smtpauth_relay.testing import runNow
 from smtpauth_relay.tls import generateSelfSigned
 
 
@@ -336,7 +339,7 @@ class MakeRelayServiceTests(SynchronousTestCase):
             checkers=("memory:alice:a", "memory:bob:b"), extra=(extraOne, extraTwo)
         )
         checkers: list[Any] = self.chain(top).checkers
-        self.assertEqual([list(c.users) for c in checkers[:2]], [["alice"], ["bob"]])
+        self.assertEqual([list(c.users) for c in checkers[:2]], [[b"alice"], [b"bob"]])
         self.assertIs(checkers[2], extraOne)
         self.assertIs(checkers[3], extraTwo)
         self.assertEqual(len(checkers), 4)
@@ -356,9 +359,11 @@ class MakeRelayServiceTests(SynchronousTestCase):
 
     def test_stockCheckersChained(self) -> None:
         """
-        With two of Twisted's own C{file:} checkers, one from the
-        configuration and one from C{--auth}, a user known only to the
-        second can log in: the first, not knowing the user, must not decide.
+        A checker that cannot tell an unknown user from a wrong password
+        (Twisted's own C{file:}) decides on any failure: a user known only to
+        the next checker is refused, so a second backend can never speak for
+        a user the first one may own.  An C{htpasswd:} checker first, which
+        does tell, passes unknown users on.
         """
         first = os.path.abspath(self.mktemp())
         with open(first, "w") as f:
@@ -374,14 +379,37 @@ class MakeRelayServiceTests(SynchronousTestCase):
             portal, UsernamePassword(b"alice", b"secret"), LoginContext("PLAIN", True)
         )
         self.assertEqual(self.successResultOf(alice).username, "alice")
-        wrong = login(
-            portal, UsernamePassword(b"alice", b"builder"), LoginContext("PLAIN", True)
+        bob = login(
+            portal, UsernamePassword(b"bob", b"builder"), LoginContext("PLAIN", True)
         )
-        self.failureResultOf(wrong, UnauthorizedLogin)
+        self.failureResultOf(bob, UnauthorizedLogin)
+
+    def test_htpasswdPassesUnknownUsersOn(self) -> None:
+        """
+        With C{htpasswd:} first and C{--auth file:} after it, a user only the
+        second knows logs in, and a wrong password for the first's user is
+        refused without asking the second.
+        """
+        first = os.path.abspath(self.mktemp())
+        setUser(first, "alice", hashPassword(b"secret", rounds=4))
+        second = os.path.abspath(self.mktemp())
+        with open(second, "w") as f:
+            f.write("bob:builder\nalice:builder\n")
+        checker = HtpasswdChecker(
+            first, runInThread=runNow, dummyHash=hashPassword(b"x", rounds=4)
+        )
+        top, _, _ = self.makeService(
+            checkers=(), extra=(checker, strcred.makeChecker(f"file:{second}"))
+        )
+        portal = self.factories(top)[0].portal
         bob = login(
             portal, UsernamePassword(b"bob", b"builder"), LoginContext("PLAIN", True)
         )
         self.assertEqual(self.successResultOf(bob).username, "bob")
+        alice = login(
+            portal, UsernamePassword(b"alice", b"builder"), LoginContext("PLAIN", True)
+        )
+        self.failureResultOf(alice, UnauthorizedLogin)
 
     def test_noCheckers(self) -> None:
         """
