@@ -33,7 +33,7 @@ from typing import Any, cast
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -121,7 +121,9 @@ class SessionSettings:
 class ConnectionLimiter:
     """
     Counts open sessions across every listener, overall and per client
-    address.
+    address, and closes them all cleanly at shutdown.
+
+    @ivar sessions: the open sessions.
     """
 
     def __init__(self, maxConnections: int, maxPerAddress: int) -> None:
@@ -129,25 +131,63 @@ class ConnectionLimiter:
         self.maxPerAddress = maxPerAddress
         self.total = 0
         self.perAddress: Counter[str] = Counter()
+        self.sessions: set[RelayESMTP] = set()
+        self._drained: Deferred[None] | None = None
 
-    def open(self, address: str) -> Reply | None:
+    def open(self, address: str, session: RelayESMTP) -> Reply | None:
         """
-        Count a new session; return the 421 to give it if over a limit (it
-        still counts until L{close}).
+        Count a new session; return the 421 to give it if over a limit or
+        shutting down (it still counts until L{close}).
         """
         self.total += 1
         self.perAddress[address] += 1
+        self.sessions.add(session)
+        if self._drained is not None:
+            return replies.SHUTTING_DOWN
         if self.total > self.maxConnections:
             return replies.TOO_MANY_CONNECTIONS
         if self.perAddress[address] > self.maxPerAddress:
             return replies.TOO_MANY_FROM_ADDRESS
         return None
 
-    def close(self, address: str) -> None:
+    def close(self, address: str, session: RelayESMTP) -> None:
         self.total -= 1
         self.perAddress[address] -= 1
         if self.perAddress[address] <= 0:
             del self.perAddress[address]
+        self.sessions.discard(session)
+        if not self.sessions and self._drained is not None:
+            drained, self._drained = self._drained, None
+            if not drained.called:
+                drained.callback(None)
+
+    def drain(self, clock: Any, grace: float) -> Deferred[None]:
+        """
+        Shut every session down: idle ones at once with 421 4.3.2, busy ones
+        once their current command (a message being received or spooled) is
+        done; abort whatever is left after C{grace} seconds.
+
+        @return: a L{Deferred} firing when no session is left.
+        """
+        if not self.sessions:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
+        for session in list(self.sessions):
+            session.shutdown()
+
+        def abortRest() -> None:
+            for session in list(self.sessions):
+                session.transport.abortConnection()
+
+        call = clock.callLater(grace, abortRest)
+
+        def stopTimer(result: object) -> object:
+            if call.active():
+                call.cancel()
+            return result
+
+        return drained.addBoth(stopTimer)
 
 
 def peerHost(transport: Any) -> str:
@@ -210,6 +250,7 @@ class RelayESMTP(smtp.ESMTP):
         self._reverseName: str | None = None
         self._abortCall: Any = None
         self._handshakePending = self._secure
+        self._shuttingDown = False
 
     # -- connection -----------------------------------------------------
 
@@ -222,7 +263,7 @@ class RelayESMTP(smtp.ESMTP):
     def connectionMade(self) -> None:
         self._peer = peerHost(self.transport)
         self._started = self.clock.seconds()
-        refusal = self.factory.limiter.open(self._peer)
+        refusal = self.factory.limiter.open(self._peer, self)
         self._counted = True
         if refusal is not None:
             log.info(
@@ -273,7 +314,7 @@ class RelayESMTP(smtp.ESMTP):
             self._intake = None
         if self._counted:
             self._counted = False
-            self.factory.limiter.close(self._peer)
+            self.factory.limiter.close(self._peer, self)
         self.setTimeout(None)
         log.info(
             "connection from {peer} closed after {duration:.1f}s: tls={tls} "
@@ -333,6 +374,10 @@ class RelayESMTP(smtp.ESMTP):
         self._processing = True
         try:
             while not self._busy and not self.transport.disconnecting:
+                if self._shuttingDown and self._mode != "data":
+                    self.reply(replies.SHUTTING_DOWN)
+                    self._close()
+                    break
                 if self._mode == "data":
                     if not self._dataStep():
                         break
@@ -340,6 +385,15 @@ class RelayESMTP(smtp.ESMTP):
                     break
         finally:
             self._processing = False
+
+    def shutdown(self) -> None:
+        """
+        The relay is stopping: close with 421 4.3.2 once the session is
+        between commands (a message under way is finished first).
+        """
+        self._shuttingDown = True
+        if self._counted:
+            self._processBuffer()
 
     def _commandStep(self) -> bool:
         """

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.checkers import (
     ICredentialsChecker,
     InMemoryUsernamePasswordDatabaseDontUse,
 )
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -139,4 +140,22 @@ def makeRelayService(
     ensureMaildir(config.delivery.directory)
     agent = MaildirDelivery(config.delivery.directory, runInThread, reactor)
     QueueRunner(spool, agent, reactor).setServiceParent(top)
+    SessionDrain(limiter, reactor).setServiceParent(top)
     return top
+
+
+class SessionDrain(Service):
+    """
+    At shutdown, closes the open SMTP sessions with 421 4.3.2, letting a
+    message under way finish first (see L{ConnectionLimiter.drain}).
+    """
+
+    grace = 10.0
+
+    def __init__(self, limiter: ConnectionLimiter, clock: Any) -> None:
+        self.limiter = limiter
+        self.clock = clock
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.limiter.drain(self.clock, self.grace)

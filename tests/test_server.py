@@ -1285,3 +1285,69 @@ class HeaderInjectionTests(SynchronousTestCase):
         session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
         first = harness.spool.messageBytes("Q0001").split(b"\n")[0]
         self.assertEqual(first, b"Received: from evil__Bcc:_x_y__ ([192.0.2.10])")
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_idleSessionsClosed(self) -> None:
+        """
+        At shutdown an idle session gets 421 4.3.2 and is closed; the drain
+        completes once it is gone.
+        """
+        harness = Harness()
+        session = harness.connect()
+        drained = harness.limiter.drain(harness.clock, 10)
+        self.assertEqual(session.read(), [b"421 4.3.2 Service shutting down"])
+        self.assertTrue(session.closed())
+        self.assertNoResult(drained)
+        session.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.successResultOf(drained)
+
+    def test_messageUnderWayFinished(self) -> None:
+        """
+        A session in the middle of DATA finishes its message (spooled,
+        250) before it gets 421 4.3.2.
+        """
+        harness = Harness()
+        session = authenticated(harness)
+        transaction(session)
+        session.send(b"Subject: x\r\n\r\nhalf")
+        harness.limiter.drain(harness.clock, 10)
+        self.assertEqual(session.read(), [])
+        self.assertFalse(session.closed())
+        self.assertEqual(
+            session.send(b" done\r\n.\r\n"),
+            [b"250 2.0.0 Ok: queued as Q0001", b"421 4.3.2 Service shutting down"],
+        )
+        self.assertTrue(session.closed())
+
+    def test_newSessionsRefused(self) -> None:
+        """
+        A client connecting while the relay drains gets 421 4.3.2.
+        """
+        harness = Harness()
+        harness.connect()
+        harness.limiter.drain(harness.clock, 10)
+        self.assertEqual(
+            harness.connect().greeting, [b"421 4.3.2 Service shutting down"]
+        )
+
+    def test_graceThenAbort(self) -> None:
+        """
+        Sessions still open after the grace period are aborted and the
+        drain completes.
+        """
+        harness = Harness()
+        session = authenticated(harness)
+        transaction(session)
+        drained = harness.limiter.drain(harness.clock, 10)
+        harness.clock.advance(10)
+        self.assertTrue(session.transport.disconnected)
+        session.protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.successResultOf(drained)
+
+    def test_nothingToDrain(self) -> None:
+        """
+        With no sessions the drain completes at once.
+        """
+        harness = Harness()
+        self.successResultOf(harness.limiter.drain(harness.clock, 10))
