@@ -383,15 +383,22 @@ class _LineIndex:
                 table = self._resolveHeader(names, isArray)
                 self._record(table, line)
             else:
-                names = self._readKey()
-                self._skipBlank(newlines=False)
-                if self._peek() == "=":
-                    self._pos += 1
-                self._skipBlank(newlines=False)
-                self._record(table + names, line)
-                self._scanValue(table + names)
+                self._keyValue(table, line)
             if self._pos == start:
                 self._pos += 1
+
+    def _keyValue(self, prefix: _Path, line: int) -> None:
+        """
+        Read C{key = value} at the current position, recording the key's
+        line under C{prefix}.
+        """
+        names = self._readKey()
+        self._skipBlank(newlines=False)
+        if self._peek() == "=":
+            self._pos += 1
+        self._skipBlank(newlines=False)
+        self._record(prefix + names, line)
+        self._scanValue(prefix + names)
 
     def _resolveHeader(self, names: tuple[str, ...], isArray: bool) -> _Path:
         resolved: _Path = ()
@@ -474,13 +481,7 @@ class _LineIndex:
                     self._scanValue(path + (index,))
                     index += 1
                 else:
-                    names = self._readKey()
-                    self._skipBlank(newlines=False)
-                    if self._peek() == "=":
-                        self._pos += 1
-                    self._skipBlank(newlines=False)
-                    self._record(path + names, line)
-                    self._scanValue(path + names)
+                    self._keyValue(path, line)
                 if self._pos == start:
                     self._pos += 1
         else:
