@@ -75,6 +75,11 @@ AUTH_LINE_LIMIT = 12288
 """AUTH command lines and responses (RFC 4954 section 4)."""
 MAX_ERRORS = 20
 """Protocol errors before the session is closed, as Postfix's hard limit."""
+INPUT_HIGH_WATER = 64 * 1024
+"""
+Unprocessed input held while our replies are backed up before we stop
+reading from the client.
+"""
 CLOSE_GRACE = 10.0
 """
 Seconds a closing session has to flush its last reply before it is aborted:
@@ -229,6 +234,10 @@ class RelayESMTP(smtp.ESMTP):
         self.host = self.settings.hostname.encode("idna")
         self.clock = factory.clock
         self._buffer = b""
+        self._pos = 0
+        self._outputBlocked = False
+        self._readingPaused = False
+        self._producing = False
         self._mode = "command"
         self._busy = False
         self._processing = False
@@ -272,7 +281,7 @@ class RelayESMTP(smtp.ESMTP):
                 reason=refusal.text,
             )
             self.reply(refusal)
-            self._close()
+            self._close(waitForHandshake=True)
             return
         self.canStartTLS = self.settings.tlsMode == "starttls" and self.ctx is not None
         if self.factory.resolver is not None:
@@ -282,6 +291,8 @@ class RelayESMTP(smtp.ESMTP):
             confirmedName(self.factory.resolver, self._peer).addCallback(
                 self._gotReverseName
             )
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpauth-relay"))
         self.setTimeout(self.settings.idleTimeout)
 
@@ -291,19 +302,29 @@ class RelayESMTP(smtp.ESMTP):
         """
         self._handshakePending = False
 
-    def _close(self) -> None:
+    def _close(self, waitForHandshake: bool = False) -> None:
         """
         Close after flushing what was written, and abort if that does not
-        happen within L{CLOSE_GRACE} seconds.  During a TLS handshake nothing
-        can be flushed (the client never got the keys), so abort at once.
+        happen within L{CLOSE_GRACE} seconds.
+
+        @param waitForHandshake: during a TLS handshake nothing can be
+            flushed (the client has no keys yet), so the session is aborted
+            at once, unless this is set: then a client that completes the
+            handshake within the grace period still reads our last reply
+            (the 421 of a refused connection on an implicit-TLS port).
         """
-        if self._handshakePending:
+        if self._handshakePending and not waitForHandshake:
             self.transport.abortConnection()
             return
         if self._abortCall is None:
             self._abortCall = self.clock.callLater(
                 CLOSE_GRACE, self.transport.abortConnection
             )
+        # A TLS transport postpones its shutdown while a producer is
+        # registered: we have nothing more to produce.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -360,20 +381,65 @@ class RelayESMTP(smtp.ESMTP):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.transport.disconnecting:
+            return
         if not self._secure and not self._buffer and data[:2] == b"\x16\x03":
             log.info("TLS handshake on a plain port from {peer}", peer=self._peer)
             self._close()
             return
-        self.resetTimeout()
         self._buffer += data
         self._processBuffer()
+        self._updateReading()
+
+    # The transport calls these (we are its producer) when its send buffer
+    # fills up or drains: a client that does not read our replies stops
+    # getting its commands processed, instead of filling our memory.  Reading
+    # stops only once unprocessed input piles up: a TLS layer pauses us
+    # while its handshake is under way, and must still read to finish it.
+
+    def pauseProducing(self) -> None:
+        self._outputBlocked = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._outputBlocked = False
+        self._updateReading()
+        self._processBuffer()
+
+    def stopProducing(self) -> None:
+        self._outputBlocked = True
+
+    def _updateReading(self) -> None:
+        """
+        Read from the transport only while neither a command is pending nor
+        our replies are backed up.
+        """
+        backlog = len(self._buffer) - self._pos > INPUT_HIGH_WATER
+        pause = (self._busy or (self._outputBlocked and backlog)) and (
+            not self.transport.disconnecting
+        )
+        if pause and not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
+        elif not pause and self._readingPaused:
+            self._readingPaused = False
+            self.transport.resumeProducing()
 
     def _processBuffer(self) -> None:
+        """
+        Run the complete lines in the buffer, one at a time, until one has
+        to wait.  Lines are found by offset and the buffer is trimmed once at
+        the end, so many short lines cost linear, not quadratic, time.
+        """
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._busy and not self.transport.disconnecting:
+            while (
+                not self._busy
+                and not self._outputBlocked
+                and not self.transport.disconnecting
+            ):
                 if self._shuttingDown and self._mode != "data":
                     self.reply(replies.SHUTTING_DOWN)
                     self._close()
@@ -385,6 +451,9 @@ class RelayESMTP(smtp.ESMTP):
                     break
         finally:
             self._processing = False
+            if self._pos:
+                self._buffer = self._buffer[self._pos :]
+                self._pos = 0
 
     def shutdown(self) -> None:
         """
@@ -401,15 +470,18 @@ class RelayESMTP(smtp.ESMTP):
 
         @return: whether a line was consumed.
         """
-        end = self._buffer.find(b"\n")
+        end = self._buffer.find(b"\n", self._pos)
         if end == -1:
-            if len(self._buffer) > AUTH_LINE_LIMIT:
+            if len(self._buffer) - self._pos > AUTH_LINE_LIMIT:
                 self._buffer = b""
+                self._pos = 0
                 if not self._discardingLine:
                     self._discardingLine = True
                     self._lineTooLong()
             return False
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        line = self._buffer[self._pos : end]
+        self._pos = end + 1
+        self.resetTimeout()
         if self._discardingLine:
             self._discardingLine = False
             return True
@@ -475,14 +547,14 @@ class RelayESMTP(smtp.ESMTP):
         """
         self._busy = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
+        self._updateReading()
 
         def done(result: object) -> None:
             self._busy = False
             if self.transport.disconnecting:
                 return
             self.setTimeout(self.settings.idleTimeout)
-            self.transport.resumeProducing()
+            self._updateReading()
             self._processBuffer()
 
         d.addErrback(self._unexpected)
@@ -571,12 +643,15 @@ class RelayESMTP(smtp.ESMTP):
             self._error(replies.TLS_ALREADY)
         elif not self.canStartTLS:
             self._error(replies.NOT_IMPLEMENTED)
+        elif not self._esmtp:
+            self._error(replies.EHLO_FIRST)
         else:
             self.reply(replies.START_TLS)
             # RFC 3207: anything the client sent after STARTTLS in the same
             # packet was sent in the clear, before the handshake: drop it,
             # and forget all the client told us.
             self._buffer = b""
+            self._pos = 0
             self._heloName = None
             self._esmtp = False
             self._submitter = None
@@ -595,8 +670,8 @@ class RelayESMTP(smtp.ESMTP):
         if self.settings.requireTLS and not self._secure:
             self._error(replies.AUTH_NEEDS_TLS)
             return None
-        if self._heloName is None:
-            self._error(replies.HELO_FIRST)
+        if not self._esmtp:
+            self._error(replies.EHLO_FIRST)
             return None
         if self._submitter is not None:
             self._error(replies.AUTH_ALREADY)
@@ -813,16 +888,19 @@ class RelayESMTP(smtp.ESMTP):
         """
         intake = self._intake
         assert intake is not None
-        end = self._buffer.find(b"\r\n")
+        end = self._buffer.find(b"\r\n", self._pos)
         if end == -1:
-            if len(self._buffer) > self.settings.maxLineLength:
+            if len(self._buffer) - self._pos > self.settings.maxLineLength:
                 # Keep the last octet: it may be the CR of the CRLF that
                 # ends this overlong line.
                 self._buffer = self._buffer[-1:]
+                self._pos = 0
                 self._inLongDataLine = True
                 intake.overlongLine()
             return False
-        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        line = self._buffer[self._pos : end]
+        self._pos = end + 2
+        self.resetTimeout()
         if self._inLongDataLine:
             self._inLongDataLine = False
             return True

@@ -83,7 +83,10 @@ def receivedHeader(
     lines = [f"Received: from {helo} ({fromPart})"]
     if tls is not None:
         lines.append(f"\t{tls.comment()}")
-    protocol = withKeyword(tls is not None, authenticated) if esmtp else "SMTP"
+    # RFC 3848 names ESMTP's variants; a HELO session over implicit TLS is
+    # still better described by ESMTPS than by a bare SMTP.
+    secure = tls is not None
+    protocol = withKeyword(secure, authenticated) if esmtp or secure else "SMTP"
     lines.append(f"\tby {byHost} (smtpauth-relay) with {protocol} id {queueId}")
     forPart = f"for <{recipients[0]}>; " if len(recipients) == 1 else ""
     lines.append(f"\t{forPart}{formatdate(when, localtime=True)}")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smtpauth_relay.errors import SpoolError
-from smtpauth_relay.testing import spoolFull
+from smtpauth_relay.testing import TLSStringTransport, spoolFull
 from tests.support import CONTEXT, Harness, Session, b64, plain
 
 
@@ -1351,3 +1352,113 @@ class ShutdownTests(SynchronousTestCase):
         """
         harness = Harness()
         self.successResultOf(harness.limiter.drain(harness.clock, 10))
+
+
+class RobustnessTests(SynchronousTestCase):
+    def test_outputBackpressure(self) -> None:
+        """
+        When the transport's send buffer is full (it pauses us, its
+        producer), pipelined commands wait, and once 64 KiB of them are
+        waiting reading stops too, so a client that never reads our replies
+        cannot fill the server's memory (and a TLS handshake, during which
+        the TLS layer pauses us, can still complete).
+        """
+        harness = Harness()
+        session = harness.connect()
+        self.assertIs(session.transport.producer, session.protocol)
+        session.protocol.pauseProducing()
+        self.assertEqual(session.send(b"NOOP\r\nNOOP\r\n"), [])
+        self.assertEqual(session.transport.producerState, "producing")
+        session.send(b"NOOP\r\n" * 20000)
+        self.assertEqual(session.transport.producerState, "paused")
+        session.protocol.resumeProducing()
+        self.assertEqual(session.read(), [b"250 2.0.0 Ok"] * 20002)
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_partialLinesDoNotKeepAlive(self) -> None:
+        """
+        Only complete lines count as activity: a client trickling one byte
+        at a time is still timed out (slowloris).
+        """
+        harness = Harness(idleTimeout=300)
+        session = harness.connect()
+        harness.clock.advance(200)
+        session.send(b"N")
+        harness.clock.advance(200)
+        session.send(b"O")
+        harness.clock.advance(100)
+        self.assertTrue(session.closed())
+
+    def test_authNeedsEhlo(self) -> None:
+        """
+        AUTH after HELO (not EHLO) gets 503 5.5.1: AUTH is an ESMTP
+        extension, and the Received header could not say ESMTPA.
+        """
+        harness = Harness(tlsMode="implicit")
+        session = harness.connect()
+        session.command(b"HELO client.example")
+        self.assertEqual(
+            session.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+            b"503 5.5.1 Send EHLO first (this is an ESMTP extension)",
+        )
+
+    def test_startTLSNeedsEhlo(self) -> None:
+        """
+        STARTTLS after HELO gets 503 5.5.1.
+        """
+        session = Harness().connect()
+        session.command(b"HELO client.example")
+        self.assertEqual(
+            session.last(b"STARTTLS"),
+            b"503 5.5.1 Send EHLO first (this is an ESMTP extension)",
+        )
+
+    def test_refusalWaitsForHandshake(self) -> None:
+        """
+        A connection refused over the limit on an implicit-TLS port is not
+        aborted before its handshake, so the client can read the 421; it is
+        aborted after the grace period if it never completes it.
+        """
+        harness = Harness(tlsMode="implicit", maxPerAddress=1)
+        harness.connect()
+        address = IPv4Address("TCP", "192.0.2.10", 40001)
+        transport = TLSStringTransport(peerAddress=address)
+        protocol = harness.factory.buildProtocol(address)
+        protocol.makeConnection(transport)
+        self.assertEqual(
+            transport.value(), b"421 4.7.0 Too many connections from your address\r\n"
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        harness.clock.advance(10)
+        self.assertTrue(transport.disconnected)
+
+    def test_inputAfterCloseIgnored(self) -> None:
+        """
+        Bytes arriving after the server decided to close (a TLS session
+        waiting for its close_notify) are neither processed nor buffered.
+        """
+        session = Harness().connect()
+        session.command(b"QUIT")
+        session.send(b"NOOP\r\n" + b"x" * 100000)
+        self.assertEqual(session.read(), [])
+        self.assertEqual(session.protocol._buffer, b"")
+
+    def test_manyLinesInOnePacket(self) -> None:
+        """
+        Thousands of pipelined commands in one packet are all answered, in
+        order, and the buffer is empty afterwards.
+        """
+        session = Harness().connect()
+        replies = session.send(b"NOOP\r\n" * 5000)
+        self.assertEqual(replies, [b"250 2.0.0 Ok"] * 5000)
+        self.assertEqual(session.protocol._buffer, b"")
+
+    def test_closeUnregistersProducer(self) -> None:
+        """
+        Closing unregisters the session as the transport's producer: a TLS
+        transport postpones its shutdown while a producer is registered.
+        """
+        session = Harness().connect()
+        session.command(b"QUIT")
+        self.assertIsNone(session.transport.producer)
