@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -20,16 +20,12 @@ from zope.interface import implementer
 from smtpauth_relay import passwords
 from smtpauth_relay.errors import CheckerUnavailable, UnknownUser
 from smtpauth_relay.htpasswd import parseHtpasswd
+from smtpauth_relay.threads import RunInThread, threadPoolRunner
 
 __all__ = ["HtpasswdChecker"]
 
 _T = TypeVar("_T")
 
-RunInThread = Callable[..., "Deferred[Any]"]
-"""
-C{runInThread(f, *args)} calls C{f(*args)} away from the reactor thread and
-returns a L{Deferred} that fires with its result.
-"""
 
 _Signature = tuple[int, int, int, int]
 
@@ -63,6 +59,12 @@ class HtpasswdChecker:
 
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
+    maxPending = 32
+    """
+    Hash checks allowed to wait for a thread at once; beyond that a login
+    gets 454 4.7.0 at once instead of queueing without bound (a flood of
+    AUTH attempts must not make every login wait minutes).
+    """
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class HtpasswdChecker:
         self._signature: _Signature | None = None
         self._users: dict[str, str] = {}
         self._problem: str | None = None
+        self._pending = 0
 
     def _inThread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
         """
@@ -108,20 +111,8 @@ class HtpasswdChecker:
                 from twisted.internet import reactor as globalReactor
 
                 reactor = self._reactor = cast(IReactorThreads, globalReactor)
-            self._runInThread = self._threadPoolRunner(reactor)
+            self._runInThread = threadPoolRunner(reactor)
         return self._runInThread(f, *args)
-
-    @staticmethod
-    def _threadPoolRunner(reactor: IReactorThreads) -> RunInThread:
-        """
-        @return: A C{runInThread} using C{reactor}'s thread pool.
-        """
-        from twisted.internet.threads import deferToThreadPool
-
-        def runInThread(f: Callable[..., _T], *args: object) -> Deferred[_T]:
-            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-        return runInThread
 
     def _currentUsers(self) -> dict[str, str]:
         """
@@ -209,8 +200,17 @@ class HtpasswdChecker:
             username = None
         encoded = None if username is None else users.get(username)
 
+        if self._pending >= self.maxPending:
+            self.log.warn(
+                "{count} password checks already waiting for {path}; "
+                "answering 454 until they are done",
+                count=self._pending,
+                path=self.path,
+            )
+            return fail(CheckerUnavailable("too many password checks waiting"))
+
         if encoded is None:
-            d = self._inThread(passwords.verifyPassword, password, self.dummyHash)
+            d = self._verify(password, self.dummyHash)
             noSuchUser: UnauthorizedLogin = (
                 UnauthorizedLogin() if username is None else UnknownUser()
             )
@@ -226,5 +226,16 @@ class HtpasswdChecker:
             assert username is not None
             return username
 
-        d = self._inThread(passwords.verifyPassword, password, encoded)
-        return d.addCallback(checked)
+        return self._verify(password, encoded).addCallback(checked)
+
+    def _verify(self, password: bytes, encoded: str) -> Deferred[bool]:
+        """
+        Verify in a thread, counting the checks under way.
+        """
+        self._pending += 1
+
+        def done(result: _T) -> _T:
+            self._pending -= 1
+            return result
+
+        return self._inThread(passwords.verifyPassword, password, encoded).addBoth(done)

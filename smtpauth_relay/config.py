@@ -637,9 +637,15 @@ def _checkEndpoint(description: str) -> str | None:
     @return: Why C{description} is not a usable server endpoint string, or
         C{None}.
     """
+    if description.lower().startswith("haproxy:"):
+        # Twisted's wrapper believes a PROXY header from anyone and tells the
+        # session its address only after the session has started: the relay
+        # would take every client for the proxy (trusted_networks, limits).
+        return (
+            f'invalid endpoint "{description}": the PROXY protocol is not '
+            "supported yet; listen directly"
+        )
     inner = description
-    while inner.lower().startswith("haproxy:"):
-        inner = inner[len("haproxy:") :]
     try:
         fields = _splitEndpoint(inner)
         if fields[0][0].lower() == "systemd" and fields[0][1] is None:

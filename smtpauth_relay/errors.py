@@ -40,6 +40,12 @@ class SpoolError(Exception):
         self.insufficientStorage = insufficientStorage
 
 
+class SpoolLocked(Exception):
+    """
+    Another process holds the spool; this one must not start.
+    """
+
+
 class ConfigError(Exception):
     """
     The configuration is invalid.

@@ -10,6 +10,7 @@ reverse zone.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -19,6 +20,9 @@ from twisted.names import dns
 from smtpauth_relay.policy import clientAddress
 
 log = Logger()
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 LOOKUP_TIMEOUT = (2, 3)
 """Seconds for each try of each lookup (Twisted's resolver convention)."""
@@ -31,8 +35,14 @@ async def _confirmedName(resolver: Any, host: str) -> str | None:
     answers, _, _ = await resolver.lookupPointer(
         address.reverse_pointer, timeout=LOOKUP_TIMEOUT
     )
+    # DNS labels may hold any octet (CR, LF, parentheses): only a name that
+    # is a plain host name may reach the Received header.
     names = [
-        str(rr.payload.name) for rr in answers if rr.type == dns.PTR and rr.payload
+        name
+        for name in (
+            str(rr.payload.name) for rr in answers if rr.type == dns.PTR and rr.payload
+        )
+        if _HOSTNAME.fullmatch(name.rstrip("."))
     ]
     for name in names[:3]:
         if address.version == 4:

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from smtpauth_relay.envelope import Attempt, DeliveryReport
 from smtpauth_relay.interfaces import IDeliveryAgent, ISpool
+from smtpauth_relay.threads import RunInThread, runNow
 
 log = Logger()
 
@@ -40,11 +41,17 @@ class QueueRunner(Service):
         clock: Any,
         retrySchedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE,
         maxConcurrent: int = 20,
+        runInThread: RunInThread = runNow,
     ) -> None:
+        """
+        @param runInThread: where to read envelopes from the spool (off the
+            reactor thread in the service; at once in tests).
+        """
         self.spool = spool
         self.agent = agent
         self.clock = clock
         self.retrySchedule = retrySchedule
+        self._runInThread = runInThread
         self._semaphore = DeferredSemaphore(maxConcurrent)
         self._scheduled: dict[str, Any] = {}
         self._active: dict[str, Deferred[float | None]] = {}
@@ -111,7 +118,7 @@ class QueueRunner(Service):
             nothing left to deliver.
         """
         try:
-            envelope = self.spool.load(queueId)
+            envelope = await self._runInThread(self.spool.load, queueId)
         except KeyError:
             return None
         try:
@@ -120,9 +127,18 @@ class QueueRunner(Service):
             report = DeliveryReport(
                 deferred={r: f"{type(e).__name__}: {e}" for r in envelope.recipients}
             )
-        remaining = tuple(
-            r for r in envelope.recipients if r in report.deferred or r in report.failed
-        )
+        # Only what the agent says it delivered is done: a recipient it does
+        # not mention at all stays, and is retried.
+        remaining = tuple(r for r in envelope.recipients if r not in report.delivered)
+        unreported = [
+            r for r in remaining if r not in report.deferred and r not in report.failed
+        ]
+        if unreported:
+            log.error(
+                "{queueId}: delivery report does not mention {recipients}; retrying",
+                queueId=queueId,
+                recipients=unreported,
+            )
         for recipient in report.delivered:
             log.info(
                 "{queueId} delivered to <{recipient}> via {host}",
@@ -140,7 +156,9 @@ class QueueRunner(Service):
                 recipient=recipient,
                 reason=reason,
             )
-        reasons = {**report.deferred, **report.failed}
+        reasons = {r: "not reported by the delivery agent" for r in unreported}
+        reasons.update(report.deferred)
+        reasons.update(report.failed)
         attempt = Attempt(
             time=self.clock.seconds(),
             host=report.host,

@@ -32,7 +32,8 @@ from smtpauth_relay.server import (
     RelayServerFactory,
     SessionSettings,
 )
-from smtpauth_relay.spool import Spool, reactorThreadRunner
+from smtpauth_relay.spool import Spool
+from smtpauth_relay.threads import ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import serverContextFactory
 
 log = Logger()
@@ -84,7 +85,9 @@ def makeRelayService(
         configuration's own, in order.
     """
     top = MultiService()
-    runInThread = reactorThreadRunner(reactor)
+    # The spool and the Maildir have their own threads: password hashing
+    # (on the reactor's pool) must never delay the fsync before a 250.
+    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
 
     spool = Spool(config.queue.directory, runInThread, reactor)
     spool.prepare()
@@ -139,7 +142,7 @@ def makeRelayService(
 
     ensureMaildir(config.delivery.directory)
     agent = MaildirDelivery(config.delivery.directory, runInThread, reactor)
-    QueueRunner(spool, agent, reactor).setServiceParent(top)
+    QueueRunner(spool, agent, reactor, runInThread=runInThread).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
 

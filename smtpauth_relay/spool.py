@@ -13,6 +13,7 @@ are renamed into C{queued/} first, the envelope last, and the directory is
 fsynced before the commit's L{Deferred} fires.  A C{.msg} without a C{.env}
 is the trace of a crash before the 250 and is removed at start.
 
+One relay process at a time owns a spool (C{lock}, see L{Spool.prepare}).
 Every file operation runs off the reactor thread (C{runInThread}); the
 operations of one message run in order.
 """
@@ -20,37 +21,24 @@ operations of one message run in order.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpauth_relay.envelope import Envelope
-from smtpauth_relay.errors import SpoolError
+from smtpauth_relay.errors import SpoolError, SpoolLocked
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
-
-T = TypeVar("T")
-RunInThread = Callable[..., "Deferred[Any]"]
+from smtpauth_relay.threads import RunInThread
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 log = Logger()
-
-
-def reactorThreadRunner(reactor: Any) -> RunInThread:
-    """
-    A C{runInThread} that uses C{reactor}'s thread pool.
-    """
-    from twisted.internet.threads import deferToThreadPool
-
-    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
 
 
 def fsyncDirectory(path: str) -> None:
@@ -82,7 +70,7 @@ def newQueueId(now: float) -> str:
     """
     A queue id that sorts by time: milliseconds in hex, then randomness.
     """
-    return f"{int(now * 1000):011X}{secrets.token_hex(3).upper()}"
+    return f"{int(now * 1000):011X}{secrets.token_hex(8).upper()}"
 
 
 def _spoolError(e: OSError, what: str) -> SpoolError:
@@ -105,6 +93,8 @@ class SpoolWriter:
         self._pendingSize = 0
         self._tail: Deferred[None] = succeed(None)
         self._finished = False
+        # What this writer made in queued/, and so may remove on failure.
+        self._created: list[str] = []
 
     def write(self, data: bytes) -> None:
         """
@@ -137,12 +127,19 @@ class SpoolWriter:
         self._tail.addCallback(run)
         return result
 
+    def _open(self) -> None:
+        """
+        Create the temp file; never reuse one (O_EXCL).
+        """
+        fd = os.open(self._tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._file = os.fdopen(fd, "wb")
+
     def _writeChunk(self, chunk: bytes) -> None:
         if self._error is not None:
             return
         try:
             if self._file is None:
-                self._file = open(self._tmpPath, "wb")
+                self._open()
             self._file.write(chunk)
         except OSError as e:
             self._error = e
@@ -154,12 +151,18 @@ class SpoolWriter:
             raise _spoolError(self._error, "writing message")
         try:
             if self._file is None:
-                self._file = open(self._tmpPath, "wb")
+                self._open()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            os.replace(self._tmpPath, spool.messagePath(self.queueId))
+            # link, not rename: never replace a message already queued
+            # under the same id.
+            messagePath = spool.messagePath(self.queueId)
+            os.link(self._tmpPath, messagePath)
+            self._created.append(messagePath)
+            os.unlink(self._tmpPath)
+            self._created.append(spool._envelopePath(self.queueId))
             writeFileDurably(
                 spool.queuedDirectory,
                 spool.tmpDirectory,
@@ -178,7 +181,8 @@ class SpoolWriter:
             except OSError:
                 pass
             self._file = None
-        for path in (self._tmpPath, self._spool.messagePath(self.queueId)):
+        # The envelope first: without it the bytes are not a message.
+        for path in [self._tmpPath, *reversed(self._created)]:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -234,24 +238,60 @@ class Spool:
         self.runInThread = runInThread
         self._clock = clock
         self._listeners: list[Callable[[str], object]] = []
+        self._lockFile: Any = None
 
     def prepare(self) -> None:
         """
-        Create the directories and clear the traces of a crash: partial files
-        in C{tmp/} and message bytes whose envelope was never committed.
+        Lock the spool for this process, create the directories and clear
+        the traces of a crash: partial files in C{tmp/} and message bytes
+        whose envelope was never committed.  An envelope without its message
+        bytes (which no normal sequence leaves) is moved to C{corrupt/} for
+        the admin, never deleted.
 
         Blocking; call before the listeners start.
+
+        @raise SpoolLocked: if another process has the spool.
         """
         for d in (self.directory, self.tmpDirectory, self.queuedDirectory):
             os.makedirs(d, mode=0o750, exist_ok=True)
+        self._lock()
         for name in os.listdir(self.tmpDirectory):
             os.unlink(os.path.join(self.tmpDirectory, name))
         names = set(os.listdir(self.queuedDirectory))
-        for name in names:
+        for name in sorted(names):
+            path = os.path.join(self.queuedDirectory, name)
             if name.endswith(".msg") and name[:-4] + ".env" not in names:
                 log.info("removing uncommitted spool file {name}", name=name)
-                os.unlink(os.path.join(self.queuedDirectory, name))
+                os.unlink(path)
+            elif name.endswith(".env") and name[:-4] + ".msg" not in names:
+                corrupt = os.path.join(self.directory, "corrupt")
+                os.makedirs(corrupt, mode=0o750, exist_ok=True)
+                log.error(
+                    "envelope {name} has no message; moved to {corrupt}",
+                    name=name,
+                    corrupt=corrupt,
+                )
+                os.rename(path, os.path.join(corrupt, name))
         fsyncDirectory(self.queuedDirectory)
+
+    def _lock(self) -> None:
+        """
+        Hold an exclusive lock on C{lock} in the spool for as long as this
+        process lives, so a second relay started on the same spool by
+        mistake refuses to start instead of "cleaning up" the first one's
+        messages in flight.
+        """
+        if self._lockFile is not None:
+            return
+        lockFile = open(os.path.join(self.directory, "lock"), "a")
+        try:
+            fcntl.flock(lockFile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lockFile.close()
+            raise SpoolLocked(
+                f"spool {self.directory} is in use by another smtpauth-relay"
+            ) from None
+        self._lockFile = lockFile
 
     def newMessage(self) -> SpoolWriter:
         """

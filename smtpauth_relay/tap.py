@@ -11,7 +11,7 @@ from twisted.cred import credentials, strcred
 from twisted.python import usage
 
 from smtpauth_relay.config import Config, loadConfig
-from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.errors import ConfigError, SpoolLocked
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -51,4 +51,7 @@ def makeService(options: Options) -> Any:
     from smtpauth_relay.service import makeRelayService
 
     config: Config = options["relayConfig"]
-    return makeRelayService(config, reactor, options.get("credCheckers", []))
+    try:
+        return makeRelayService(config, reactor, options.get("credCheckers", []))
+    except SpoolLocked as e:
+        raise SystemExit(f"smtpauth-relay: {e}") from None

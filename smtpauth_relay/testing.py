@@ -20,17 +20,19 @@ from zope.interface import directlyProvides, implementer
 from smtpauth_relay.envelope import DeliveryReport, Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError, UnknownUser
 from smtpauth_relay.interfaces import IDeliveryAgent, ISpool, ISpoolWriter
+from smtpauth_relay.threads import runNow
 
-
-def runNow(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """
-    A C{runInThread} that runs C{f} at once in this thread: deterministic
-    tests of code that normally hands work to a thread pool.
-    """
-    try:
-        return succeed(f(*args))
-    except BaseException:
-        return fail()
+__all__ = [
+    "FakeTLSConnection",
+    "MemoryChecker",
+    "MemorySpool",
+    "MemorySpoolWriter",
+    "RecordingDeliveryAgent",
+    "RecordingRunner",
+    "TLSStringTransport",
+    "runNow",
+    "spoolFull",
+]
 
 
 class RecordingRunner:

@@ -189,6 +189,30 @@ class HtpasswdCheckerTests(SynchronousTestCase):
             ["IUsernamePassword"],
         )
 
+    def test_boundedWaitingChecks(self) -> None:
+        """
+        Beyond C{maxPending} password checks waiting for a thread, a login
+        fails at once with L{CheckerUnavailable} (454) instead of queueing;
+        once checks finish, logins are checked again.
+        """
+        waiting: list[Deferred[Any]] = []
+
+        def slowThread(f: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            waiting.append(d)
+            return d.addCallback(lambda _: f(*args))
+
+        self.checker = self.makeChecker(runInThread=slowThread)
+        self.checker.maxPending = 2
+        first = self.login(b"alice", ALICE_PASSWORD)
+        self.login(b"mallory", b"guess")
+        self.failureResultOf(self.login(b"alice", ALICE_PASSWORD), CheckerUnavailable)
+        waiting[0].callback(None)
+        self.assertEqual(self.successResultOf(first), "alice")
+        third = self.login(b"alice", ALICE_PASSWORD)
+        waiting[2].callback(None)
+        self.assertEqual(self.successResultOf(third), "alice")
+
     def test_bcrypt(self) -> None:
         """
         The right password for a bcrypt user gives the user name, as text; the

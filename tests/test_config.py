@@ -380,15 +380,15 @@ directory = "/var/mail/relay"
 
     def test_systemdEndpoints(self) -> None:
         """
-        C{systemd:} endpoints are accepted by index or by name, also behind
-        C{haproxy:}, although no descriptors are inherited.
+        C{systemd:} endpoints are accepted by index or by name, although no
+        descriptors are inherited.
         """
         config = parseConfig(
             complete(
                 '[[listener]]\nendpoint = "systemd:domain=INET:index=0"\ntls = "none"\n'
                 '[[listener]]\nendpoint = "systemd:domain=INET6:name=smtp"\n'
                 'tls = "none"\n'
-                '[[listener]]\nendpoint = "haproxy:systemd:domain=UNIX:index=1"\n'
+                '[[listener]]\nendpoint = "systemd:domain=UNIX:index=1"\n'
                 'tls = "none"\n'
             ),
             "relay.toml",
@@ -398,21 +398,21 @@ directory = "/var/mail/relay"
             [
                 "systemd:domain=INET:index=0",
                 "systemd:domain=INET6:name=smtp",
-                "haproxy:systemd:domain=UNIX:index=1",
+                "systemd:domain=UNIX:index=1",
             ],
         )
 
     def test_otherEndpoints(self) -> None:
         """
         Any endpoint Twisted can parse is accepted: TCP with options, UNIX
-        sockets, HAProxy-wrapped TCP.
+        sockets.
         """
         config = parseConfig(
             complete(
                 '[[listener]]\nendpoint = "tcp:2525:interface=127.0.0.1"\ntls = "none"\n'
                 '[[listener]]\nendpoint = "unix:/run/relay.sock:mode=660"\n'
                 'tls = "none"\n'
-                '[[listener]]\nendpoint = "haproxy:tcp:port=2526"\ntls = "none"\n'
+                '[[listener]]\nendpoint = "tcp6:port=2526"\ntls = "none"\n'
             ),
             "relay.toml",
         )
@@ -1244,15 +1244,15 @@ class EndpointTests(ConfigTestCase):
             "got an unexpected keyword argument 'port'",
         )
 
-    def test_haproxyWrapsBadEndpoint(self) -> None:
+    def test_haproxyRefused(self) -> None:
         """
-        The endpoint inside C{haproxy:} is checked too.
+        C{haproxy:} endpoints are refused: Twisted's wrapper would let the
+        relay take every client for the proxy (trusted networks, limits,
+        Received) and believes a PROXY header from anyone.
         """
         self.assertEndpointProblem(
-            "haproxy:systemd:domain=INET", "give exactly one of index= or name="
-        )
-        self.assertEndpointProblem(
-            "haproxy:tcp:port=x", "invalid literal for int() with base 10: 'x'"
+            "haproxy:tcp:port=587",
+            "the PROXY protocol is not supported yet; listen directly",
         )
 
 

@@ -78,6 +78,18 @@ class ConfirmedNameTests(SynchronousTestCase):
         )
         self.assertIsNone(self.successResultOf(confirmedName(resolver, "192.0.2.10")))
 
+    def test_unsafeNameRefused(self) -> None:
+        """
+        A PTR name with octets outside host-name syntax (CR, LF, spaces) is
+        never used, even when it resolves back: it would inject header lines.
+        """
+        evil = "x\r\nX-Injected: yes.evil.example"
+        resolver = FakeResolver(
+            {"10.2.0.192.in-addr.arpa": evil}, {evil: ["192.0.2.10"]}
+        )
+        self.assertIsNone(self.successResultOf(confirmedName(resolver, "192.0.2.10")))
+        self.assertEqual(resolver.asked, ["10.2.0.192.in-addr.arpa"])
+
     def test_ipv6(self) -> None:
         """
         IPv6 clients are confirmed with AAAA records.

@@ -123,6 +123,19 @@ class QueueRunnerTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.agent.calls[1][0].recipients, ("b@example.net",))
 
+    def test_unreportedRecipientKept(self) -> None:
+        """
+        A recipient the agent's report does not mention (say, with its case
+        changed) is not taken as delivered: it stays and is retried.
+        """
+        self.runner.startService()
+        queueId = queue(self.spool, "Bob@Example.COM", "carol@example.net")
+        self.clock.advance(0)
+        self.agent.calls[0][2].callback(
+            DeliveryReport(delivered=("bob@example.com", "carol@example.net"))
+        )
+        self.assertEqual(self.spool.load(queueId).recipients, ("Bob@Example.COM",))
+
     def test_permanentFailureKept(self) -> None:
         """
         A recipient reported as permanently failed is not dropped: it stays

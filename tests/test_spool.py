@@ -14,10 +14,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay import spool as spoolModule
 from smtpauth_relay.envelope import Attempt, Envelope
-from smtpauth_relay.errors import SpoolError
+from smtpauth_relay.errors import SpoolError, SpoolLocked
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
-from smtpauth_relay.spool import Spool, newQueueId
+from smtpauth_relay.spool import Spool, SpoolWriter, newQueueId
 from smtpauth_relay.testing import MemorySpool, RecordingRunner
 
 
@@ -237,6 +238,57 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
         self.assertEqual(self.spool.queued(), [kept])
 
+    def test_lockedAgainstSecondProcess(self) -> None:
+        """
+        A second spool on the same directory (a second relay started by
+        mistake) cannot prepare it: the first one's messages in flight are
+        never cleaned away under it.
+        """
+        other = Spool(self.directory, self.runner, self.clock)
+        self.assertRaises(SpoolLocked, other.prepare)
+
+    def test_envelopeWithoutMessageQuarantined(self) -> None:
+        """
+        An envelope whose message bytes are missing is moved to C{corrupt/}
+        at start, with an error logged, instead of being retried for ever.
+        """
+        queueId = self.commit()
+        os.unlink(self.spool.messagePath(queueId))
+        self.spool.prepare()
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(
+            os.listdir(os.path.join(self.directory, "corrupt")), [queueId + ".env"]
+        )
+
+    def test_sameIdNeverOverwrites(self) -> None:
+        """
+        Two writers given the same queue id (a collision) never overwrite:
+        the second commit fails and the first message is intact.
+        """
+        first = self.spool.newMessage()
+        second = SpoolWriter(self.spool, first.queueId)
+        first.write(b"first\n")
+        self.successResultOf(first.commit(envelopeFor(first.queueId)))
+        second.write(b"second\n")
+        self.failureResultOf(second.commit(envelopeFor(first.queueId)), SpoolError)
+        self.assertEqual(self.messageOf(first.queueId), b"first\n")
+        self.assertEqual(self.spool.load(first.queueId), envelopeFor(first.queueId))
+
+    def test_failedCommitLeavesNoEnvelope(self) -> None:
+        """
+        If the last step of a commit (the directory fsync) fails, the client
+        gets an error and neither the envelope nor the bytes stay queued.
+        """
+
+        def failingFsync(path: str) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        writer = self.spool.newMessage()
+        writer.write(b"data\n")
+        self.patch(spoolModule, "fsyncDirectory", failingFsync)
+        self.failureResultOf(writer.commit(envelopeFor(writer.queueId)), SpoolError)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "queued")), [])
+
     def test_writeErrorReportedAtCommit(self) -> None:
         """
         A write error (disk full) fails the commit with an insufficient
@@ -304,4 +356,4 @@ class QueueIdTests(SynchronousTestCase):
         Queue ids are upper-case hex only.
         """
         queueId = newQueueId(1_800_000_000)
-        self.assertRegex(queueId, r"^[0-9A-F]{17}$")
+        self.assertRegex(queueId, r"^[0-9A-F]{27}$")

@@ -19,7 +19,8 @@ from zope.interface import implementer
 
 from smtpauth_relay.envelope import DeliveryReport, Envelope
 from smtpauth_relay.interfaces import IDeliveryAgent
-from smtpauth_relay.spool import RunInThread, fsyncDirectory
+from smtpauth_relay.spool import fsyncDirectory
+from smtpauth_relay.threads import RunInThread
 
 _counter = itertools.count()
 
