@@ -53,6 +53,9 @@ class Envelope:
     @ivar size: octets of the message as stored.
     @ivar body: C{"7BIT"} or C{"8BITMIME"}.
     @ivar attempts: delivery attempts so far.
+    @ivar nextAttempt: POSIX time of the next attempt (0: as soon as
+        possible); kept across restarts.
+    @ivar delayWarned: whether the sender was already told of a delay.
     """
 
     queueId: str
@@ -66,6 +69,8 @@ class Envelope:
     size: int = 0
     body: str = "7BIT"
     attempts: tuple[Attempt, ...] = field(default=())
+    nextAttempt: float = 0.0
+    delayWarned: bool = False
 
     def toJSON(self) -> bytes:
         """
@@ -123,6 +128,8 @@ _ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
     "size": (int,),
     "body": _STR,
     "attempts": (list,),
+    "nextAttempt": _NUMBER,
+    "delayWarned": (bool,),
 }
 _ATTEMPT_TYPES: dict[str, tuple[type, ...]] = {
     "time": _NUMBER,
@@ -141,7 +148,9 @@ def _check(data: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
     for name, value in data.items():
         if name not in types:
             raise ValueError(f"unknown envelope field {name!r}")
-        if isinstance(value, bool) or not isinstance(value, types[name]):
+        if (isinstance(value, bool) and bool not in types[name]) or not isinstance(
+            value, types[name]
+        ):
             raise ValueError(f"envelope field {name!r} has the wrong type")
     recipients = data.get("recipients")
     if recipients is not None and not all(isinstance(r, str) for r in recipients):

@@ -40,6 +40,13 @@ class SpoolError(Exception):
         self.insufficientStorage = insufficientStorage
 
 
+class QueueBusy(Exception):
+    """
+    The message is being delivered right now; the admin command cannot act
+    on it until the attempt ends.
+    """
+
+
 class SpoolLocked(Exception):
     """
     Another process holds the spool; this one must not start.

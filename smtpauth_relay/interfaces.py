@@ -118,3 +118,36 @@ class IDeliveryAgent(Interface):
             durably in the hands of the next hop; failing means no
             recipient was delivered and the attempt should be retried.
         """
+
+
+class IQueueControl(Interface):
+    """
+    What an admin can ask of the running queue (C{smtpauth-relay queue}).
+    """
+
+    def flush() -> int:
+        """
+        Attempt every queued message now (not waiting for its retry time).
+
+        @return: how many messages were scheduled.
+        """
+
+    def delete(queueId: str) -> Deferred[None]:
+        """
+        Remove a message from the queue without delivering or bouncing it.
+
+        @raise KeyError: (in the Deferred) if there is no such message.
+        @raise QueueBusy: (in the Deferred) if it is being delivered right
+            now; try again.
+        """
+
+    def bounce(queueId: str) -> Deferred[None]:
+        """
+        Give up on a message: its sender gets a bounce (unless the sender is
+        null) for every recipient not yet delivered, and it leaves the
+        queue.
+
+        @raise KeyError: (in the Deferred) if there is no such message.
+        @raise QueueBusy: (in the Deferred) if it is being delivered right
+            now; try again.
+        """
