@@ -61,9 +61,11 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 #: Values allowed in C{[auth] mechanisms}.
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 #: Values allowed for C{[delivery] mode}.
-DELIVERY_MODES = ("maildir",)
-# Documented in the contract, not implemented yet.
-_FUTURE_DELIVERY_MODES = ("smarthost", "mx")
+DELIVERY_MODES = ("smarthost", "mx", "maildir")
+#: Values allowed for C{[delivery] tls}.
+DELIVERY_TLS_MODES = ("starttls", "implicit", "none")
+#: The default upstream port for each C{[delivery] tls} in smarthost mode.
+SMARTHOST_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,23 @@ class RelayConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     """
-    C{[queue]}: the spool.
+    C{[queue]}: the spool and its retries.
 
     @ivar directory: Absolute path of the spool directory.
+    @ivar retry_schedule: Seconds to wait after each failed attempt; the
+        last value repeats.
+    @ivar max_lifetime: Seconds after which a message still not delivered is
+        bounced.
+    @ivar max_concurrent_deliveries: Delivery attempts under way at once.
+    @ivar delay_warning: Seconds after which the sender is told once that
+        the message is still being retried; 0 is off.
     """
 
     directory: str = "/var/spool/smtpauth-relay"
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+    max_lifetime: float = 432000.0
+    max_concurrent_deliveries: int = 20
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,10 +191,37 @@ class DeliveryConfig:
     @ivar mode: One of L{DELIVERY_MODES}.
     @ivar directory: Absolute path of the Maildir that messages are dropped
         into (maildir mode).
+    @ivar host: The smarthost (smarthost mode).
+    @ivar port: The smarthost's port (default by C{tls}: 587, 465 or 25), or
+        the port of MX hosts in mx mode (25).
+    @ivar tls: C{"starttls"}, C{"implicit"} or C{"none"} towards the
+        smarthost; in mx mode STARTTLS is always opportunistic.
+    @ivar verify: Whether the smarthost's certificate must be valid for
+        C{host}.
+    @ivar username: The login at the smarthost, or C{""} for none.
+    @ivar password_file: Absolute path of the file holding its password.
+    @ivar forward_auth_identity: Whether MAIL FROM upstream names the
+        submitter with C{AUTH=}, rather than C{AUTH=<>}.
+    @ivar max_per_destination: Connections at once to one destination.
+    @ivar connect_timeout: Seconds to wait for a connection.
+    @ivar timeout: Seconds one delivery attempt may take, at most.
+    @ivar nameservers: C{host} or C{host:port} of DNS servers for mx mode;
+        empty means those of C{/etc/resolv.conf}.
     """
 
     mode: str = "maildir"
     directory: str = ""
+    host: str = ""
+    port: int = 0
+    tls: str = "starttls"
+    verify: bool = True
+    username: str = ""
+    password_file: str | None = None
+    forward_auth_identity: bool = False
+    max_per_destination: int = 2
+    connect_timeout: float = 30.0
+    timeout: float = 600.0
+    nameservers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,8 +257,28 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "listener": ("endpoint", "tls"),
     "auth": ("checkers", "mechanisms", "require_tls"),
     "relay": ("trusted_networks", "trusted_relays"),
-    "queue": ("directory",),
-    "delivery": ("mode", "directory"),
+    "queue": (
+        "directory",
+        "retry_schedule",
+        "max_lifetime",
+        "max_concurrent_deliveries",
+        "delay_warning",
+    ),
+    "delivery": (
+        "mode",
+        "directory",
+        "host",
+        "port",
+        "tls",
+        "verify",
+        "username",
+        "password_file",
+        "forward_auth_identity",
+        "max_per_destination",
+        "connect_timeout",
+        "timeout",
+        "nameservers",
+    ),
 }
 
 _USAGE = "usage: smtpauth-relay check-config PATH\n"
@@ -659,6 +719,59 @@ def _checkEndpoint(description: str) -> str | None:
     return None
 
 
+def _checkUpstreamHost(value: str) -> str | None:
+    """
+    @return: Why C{value} is not a host name or IP address, or C{None}.
+    """
+    if not value:
+        return None
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        return _checkHostname(value)
+
+
+def _checkNameserver(value: str) -> str | None:
+    """
+    @return: Why C{value} is not C{address} or C{address:port}, or C{None}.
+    """
+    host, port = value, "53"
+    if value.count(":") == 1:
+        host, port = value.split(":")
+    elif value.startswith("[") and "]:" in value:
+        host, port = value[1:].split("]:")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f'"{value}" is not an IP address (with an optional :port)'
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f'"{value}" has a bad port'
+    return None
+
+
+def _checkPasswordFile(path: str) -> str | None:
+    """
+    @return: Why the upstream password cannot be read from C{path}, or
+        C{None}.
+    """
+    try:
+        with open(path, "rb") as f:
+            if not f.read().strip():
+                return f'"{path}" is empty'
+    except OSError as e:
+        return f'cannot read "{path}": {e.strerror or e}'
+    return None
+
+
+def readPasswordFile(path: str) -> bytes:
+    """
+    The password in C{path}: its first line, without the line ending.
+    """
+    with open(path, "rb") as f:
+        return f.read().splitlines()[0]
+
+
 def _checkChecker(description: str) -> str | None:
     """
     @return: Why C{description} does not make a username/password checker,
@@ -828,9 +941,11 @@ class _Table:
             return
         self.values[key] = value
 
-    def duration(self, key: str) -> None:
+    def duration(self, key: str, allowZero: bool = False) -> None:
         """
         Read a positive, finite number of seconds; integers are accepted.
+
+        @param allowZero: whether C{0} (meaning "off") is accepted too.
         """
         value = self._get(
             key,
@@ -839,8 +954,9 @@ class _Table:
         )
         if value is _MISSING:
             return
-        if not (math.isfinite(value) and value > 0):
-            self.report(key, f"must be a positive number of seconds, got {value}")
+        if not (math.isfinite(value) and (value > 0 or (allowZero and value == 0))):
+            lowest = "0 or more" if allowZero else "a positive number of"
+            self.report(key, f"must be {lowest} seconds, got {value}")
             return
         self.values[key] = float(value)
 
@@ -976,7 +1092,7 @@ class _Validator:
         relay = RelayConfig(**relayTable.values)
 
         queueTable = self.table(data, "queue")
-        queueTable.path("directory")
+        self.queue(queueTable)
         queue = QueueConfig(**queueTable.values)
 
         deliveryTable = self.table(data, "delivery")
@@ -1167,27 +1283,102 @@ class _Validator:
             else:
                 table.values["mechanisms"] = tuple(mechanisms)
 
+    def queue(self, table: _Table) -> None:
+        """
+        Read C{[queue]}.
+        """
+        table.path("directory")
+        value = table._get(
+            "retry_schedule", "an array of numbers", lambda v: isinstance(v, list)
+        )
+        if value is not _MISSING:
+            schedule = []
+            for index, item in enumerate(value):
+                if (
+                    isinstance(item, int | float)
+                    and not isinstance(item, bool)
+                    and math.isfinite(item)
+                    and item > 0
+                ):
+                    schedule.append(float(item))
+                else:
+                    table.report(
+                        "retry_schedule",
+                        f"expected a positive number of seconds, got {_describe(item)}",
+                        index,
+                    )
+            if not value:
+                table.report("retry_schedule", "must not be empty")
+            elif len(schedule) == len(value):
+                table.values["retry_schedule"] = tuple(schedule)
+        table.duration("max_lifetime")
+        table.integer("max_concurrent_deliveries")
+        table.duration("delay_warning", allowZero=True)
+
     def delivery(self, table: _Table) -> None:
         """
         Read C{[delivery]}.
         """
-
-        def checkMode(value: str) -> str | None:
-            if value in _FUTURE_DELIVERY_MODES:
-                return f'"{value}" is not supported yet; only "maildir" is available'
-            if value not in DELIVERY_MODES:
-                return _notOneOf(value, DELIVERY_MODES + _FUTURE_DELIVERY_MODES)
-            return None
-
-        table.string("mode", checkMode)
+        table.choice("mode", DELIVERY_MODES)
         table.path("directory", emptyIsUnset=True)
-        if "mode" in table.invalid or "directory" in table.invalid:
+        table.string("host", _checkUpstreamHost)
+        table.integer("port")
+        if table.values.get("port", 1) > 65535:
+            table.report("port", f"must be at most 65535, got {table.values['port']}")
+            table.values.pop("port")
+        table.choice("tls", DELIVERY_TLS_MODES)
+        table.boolean("verify")
+        table.string("username")
+        table.path("password_file", emptyIsUnset=True)
+        table.boolean("forward_auth_identity")
+        table.integer("max_per_destination")
+        table.duration("connect_timeout")
+        table.duration("timeout")
+        nameservers = []
+        for index, item in table.strings("nameservers"):
+            problem = _checkNameserver(item)
+            if problem:
+                table.report("nameservers", problem, index)
+            else:
+                nameservers.append(item)
+        if "nameservers" in table.data and "nameservers" not in table.invalid:
+            table.values["nameservers"] = tuple(nameservers)
+        if table.values.get("directory") is None:
+            table.values.pop("directory", None)
+        if table.values.get("password_file") is None:
+            table.values.pop("password_file", None)
+        if "mode" in table.invalid:
             return
         mode = table.values.get("mode", DeliveryConfig.mode)
         if mode == "maildir" and not table.values.get("directory"):
-            table.report("directory", 'required when mode = "maildir"')
-        if table.values.get("directory") is None:
-            table.values.pop("directory", None)
+            if "directory" not in table.invalid:
+                table.report("directory", 'required when mode = "maildir"')
+        if mode == "smarthost" and not table.values.get("host"):
+            if "host" not in table.invalid:
+                table.report("host", 'required when mode = "smarthost"')
+        if mode == "smarthost" and "port" not in table.data:
+            tls = table.values.get("tls", DeliveryConfig.tls)
+            table.values["port"] = SMARTHOST_PORTS[tls]
+        if mode == "mx" and "port" not in table.data:
+            table.values["port"] = 25
+        username = table.values.get("username", "")
+        passwordFile = table.values.get("password_file")
+        if username and not passwordFile and "password_file" not in table.invalid:
+            table.report("password_file", "required when username is set")
+        if passwordFile and not username:
+            table.report("username", "required when password_file is set")
+        if passwordFile:
+            problem = _checkPasswordFile(passwordFile)
+            if problem:
+                table.report("password_file", problem)
+        if username and mode == "mx":
+            table.report("username", 'only used with mode = "smarthost"')
+        if username and table.values.get("tls", DeliveryConfig.tls) == "none":
+            table.report(
+                "tls",
+                '"none" would send the smarthost password unencrypted; '
+                'use "starttls" or "implicit"',
+            )
 
     def checkAuthReachable(
         self,

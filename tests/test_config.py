@@ -1115,24 +1115,160 @@ class EnumTests(ConfigTestCase):
                 complete('[delivery]\nmode = "maildr"\ndirectory = "/m"\n')
             ),
             [
-                'relay.toml:2: [delivery] mode: "maildr" is not one of "maildir", '
-                '"smarthost", "mx"; did you mean "maildir"?'
+                'relay.toml:2: [delivery] mode: "maildr" is not one of "smarthost", '
+                '"mx", "maildir"; did you mean "maildir"?'
             ],
         )
 
-    def test_deliveryModeNotYet(self) -> None:
+    def test_smarthostNeedsHost(self) -> None:
         """
-        The smarthost and mx modes are named in the contract but not supported
-        yet, and say so.
+        Smarthost delivery without a host is reported.
         """
-        for mode in ("smarthost", "mx"):
-            self.assertEqual(
-                self.problemsOf(complete(f'[delivery]\nmode = "{mode}"\n')),
-                [
-                    f'relay.toml:2: [delivery] mode: "{mode}" is not supported yet; '
-                    'only "maildir" is available'
-                ],
+        self.assertEqual(
+            self.problemsOf(complete('[delivery]\nmode = "smarthost"\n')),
+            ['relay.toml: [delivery] host: required when mode = "smarthost"'],
+        )
+
+    def test_smarthostDefaultPorts(self) -> None:
+        """
+        The smarthost port defaults by TLS mode: 587 for STARTTLS, 465 for
+        implicit TLS, 25 without TLS; mx mode uses 25.
+        """
+        for tls, port in (("starttls", 587), ("implicit", 465), ("none", 25)):
+            config = parseConfig(
+                complete(
+                    f'[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                    f'tls = "{tls}"\n'
+                ),
+                "relay.toml",
             )
+            self.assertEqual(config.delivery.port, port)
+        config = parseConfig(complete('[delivery]\nmode = "mx"\n'), "relay.toml")
+        self.assertEqual(config.delivery.port, 25)
+
+    def test_smarthostCredentials(self) -> None:
+        """
+        A username needs a password file and the reverse; the password file
+        must be readable and not empty; credentials are never sent without
+        TLS.
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                    'username = "relay"\n'
+                )
+            ),
+            ["relay.toml: [delivery] password_file: required when username is set"],
+        )
+        empty = self.mktemp()
+        with open(empty, "w"):
+            pass
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                    f'username = "relay"\npassword_file = "{empty}"\ntls = "none"\n'
+                )
+            ),
+            [
+                f'relay.toml:5: [delivery] password_file: "{os.path.abspath(empty)}" '
+                "is empty",
+                'relay.toml:6: [delivery] tls: "none" would send the smarthost '
+                'password unencrypted; use "starttls" or "implicit"',
+            ],
+        )
+
+    def test_smarthostComplete(self) -> None:
+        """
+        A complete smarthost section loads with every key.
+        """
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("s3cret\n")
+        config = parseConfig(
+            complete(
+                '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                f'port = 2525\ntls = "implicit"\nverify = false\nusername = "relay"\n'
+                f'password_file = "{secret}"\nforward_auth_identity = true\n'
+                "max_per_destination = 4\nconnect_timeout = 10\ntimeout = 120\n"
+            ),
+            "relay.toml",
+        )
+        delivery = config.delivery
+        self.assertEqual(
+            (
+                delivery.mode,
+                delivery.host,
+                delivery.port,
+                delivery.tls,
+                delivery.verify,
+                delivery.username,
+                delivery.password_file,
+                delivery.forward_auth_identity,
+                delivery.max_per_destination,
+                delivery.connect_timeout,
+                delivery.timeout,
+            ),
+            (
+                "smarthost",
+                "smtp.example.net",
+                2525,
+                "implicit",
+                False,
+                "relay",
+                os.path.abspath(secret),
+                True,
+                4,
+                10.0,
+                120.0,
+            ),
+        )
+
+    def test_nameservers(self) -> None:
+        """
+        Name servers are IP addresses with an optional port.
+        """
+        config = parseConfig(
+            complete(
+                '[delivery]\nmode = "mx"\nnameservers = ["127.0.0.1:5353", "::1"]\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.delivery.nameservers, ("127.0.0.1:5353", "::1"))
+        self.assertEqual(
+            self.problemsOf(
+                complete('[delivery]\nmode = "mx"\nnameservers = ["dns.example"]\n')
+            ),
+            [
+                'relay.toml:3: [delivery] nameservers[0]: "dns.example" is not an IP '
+                "address (with an optional :port)"
+            ],
+        )
+
+    def test_retrySchedule(self) -> None:
+        """
+        The retry schedule is a non-empty array of positive numbers.
+        """
+        config = parseConfig(
+            complete("[queue]\nretry_schedule = [30, 90.5]\ndelay_warning = 0\n"),
+            "relay.toml",
+        )
+        self.assertEqual(config.queue.retry_schedule, (30.0, 90.5))
+        self.assertEqual(config.queue.delay_warning, 0.0)
+        self.assertEqual(
+            self.problemsOf(complete('[queue]\nretry_schedule = [60, -1, "x"]\n')),
+            [
+                "relay.toml:2: [queue] retry_schedule[1]: expected a positive number "
+                "of seconds, got an integer (-1)",
+                "relay.toml:2: [queue] retry_schedule[2]: expected a positive number "
+                'of seconds, got a string ("x")',
+            ],
+        )
+        self.assertEqual(
+            self.problemsOf(complete("[queue]\nretry_schedule = []\n")),
+            ["relay.toml:2: [queue] retry_schedule: must not be empty"],
+        )
 
     def test_maildirNeedsDirectory(self) -> None:
         """
@@ -1586,7 +1722,7 @@ class ManyProblemsTests(ConfigTestCase):
         """
         text = (
             "[delivery]\n"  # 1
-            'mode = "mx"\n'  # 2
+            'mode = "mxx"\n'  # 2
             "[server]\n"  # 3
             "max_recipients = 0\n"  # 4
             "idle_timeout = false\n"  # 5
@@ -1601,8 +1737,8 @@ class ManyProblemsTests(ConfigTestCase):
         self.assertEqual(
             self.problemsOf(text, "/etc/smtpauth-relay/relay.toml"),
             [
-                '/etc/smtpauth-relay/relay.toml:2: [delivery] mode: "mx" is not '
-                'supported yet; only "maildir" is available',
+                '/etc/smtpauth-relay/relay.toml:2: [delivery] mode: "mxx" is not '
+                'one of "smarthost", "mx", "maildir"; did you mean "mx"?',
                 "/etc/smtpauth-relay/relay.toml:4: [server] max_recipients: must be a "
                 "positive integer, got 0",
                 "/etc/smtpauth-relay/relay.toml:5: [server] idle_timeout: expected a "
