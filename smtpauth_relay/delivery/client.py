@@ -1,0 +1,440 @@
+"""
+The outbound ESMTP client: Twisted's L{smtp.ESMTPClient}, taught to carry
+several queued messages over one connection and to report per recipient.
+
+What it adds to (or mends in) twisted.mail's client:
+
+  - messages come from an L{OutboundQueue} shared by the connections to one
+    destination; after each message the client sends RSET and takes the
+    next, and only QUITs when the queue stays empty (a burst does not open a
+    connection per message);
+  - each message's outcome is a L{DeliveryReport}: 2xx, 4xx and 5xx per
+    recipient (RCPT replies, then the reply to the data), so only the 4xx
+    ones are retried;
+  - C{MAIL FROM} carries C{SIZE=}, C{BODY=8BITMIME} and C{AUTH=} (RFC 4954
+    section 5: the submitter, or C{<>}) when the server offers them;
+  - dot-stuffing survives chunk boundaries: Twisted's C{transformChunk}
+    stuffs only dots that follow a line ending inside the same chunk, so a
+    line starting with "." right at a chunk boundary went out unstuffed (and
+    a lone "." line there would end the message early);
+  - connection-level failures (refused, TLS, AUTH, timeouts, a dropped
+    connection) fail only the message being sent; the queue decides what
+    happens to the others.
+
+Twisted's own sender factories retry on their own and can leave their
+Deferred unfired over endpoints; this client never retries: the relay's
+queue runner does.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINAuthenticator
+from twisted.python.failure import Failure
+
+from smtpauth_relay.addresses import xtextEncode
+from smtpauth_relay.envelope import NULL_AUTH, DeliveryReport, Envelope
+
+log = Logger()
+
+RESPONSE_TIMEOUT = 300
+"""Seconds to wait for any one reply (RFC 5321 4.5.3.2 suggests 5-10 min)."""
+
+
+class UpstreamError(Exception):
+    """
+    The upstream could not take the message, for a reason that is not a
+    reply to one of its recipients (refused connection, TLS or AUTH failure,
+    dropped connection, timeout).  Always temporary: retried later.
+    """
+
+
+@dataclass
+class Outbound:
+    """
+    One message waiting to be sent, and the L{Deferred} its outcome fires.
+
+    @ivar forwardIdentity: whether C{AUTH=} names the submitter.
+    """
+
+    envelope: Envelope
+    messagePath: str
+    forwardIdentity: bool = False
+    result: Deferred[DeliveryReport] = field(default_factory=Deferred)
+
+    @property
+    def done(self) -> bool:
+        return self.result.called
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """
+    How to talk to one destination.
+
+    @ivar heloName: our name in EHLO.
+    @ivar host: the upstream's name, for reports and logs.
+    @ivar username: login at the upstream, or C{""}.
+    @ivar password: its password.
+    @ivar startTLS: context factory for STARTTLS, or C{None} for none.
+    @ivar requireTLS: refuse to go on without TLS (STARTTLS required).
+    """
+
+    heloName: str
+    host: str
+    username: str = ""
+    password: bytes = b""
+    startTLS: Any = None
+    requireTLS: bool = False
+
+
+def mailFromParameters(
+    outbound: Outbound, extensions: dict[bytes, bytes | None], size: int
+) -> bytes:
+    """
+    The ESMTP parameters for C{MAIL FROM}, as far as the server offers them.
+    """
+    params = []
+    if b"SIZE" in extensions:
+        params.append(b"SIZE=%d" % size)
+    if outbound.envelope.body == "8BITMIME" and b"8BITMIME" in extensions:
+        params.append(b"BODY=8BITMIME")
+    if b"AUTH" in extensions:
+        identity = outbound.envelope.auth
+        if outbound.forwardIdentity and identity and identity != NULL_AUTH:
+            params.append(b"AUTH=" + xtextEncode(identity).encode("ascii"))
+        else:
+            params.append(b"AUTH=<>")
+    return b"".join(b" " + p for p in params)
+
+
+def _replyText(code: int, resp: bytes | str) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    text = " ".join(resp.split())
+    return f"{code} {text}" if code >= 0 else text
+
+
+def reportFor(
+    envelope: Envelope,
+    host: str,
+    code: int,
+    resp: bytes | str,
+    rcptResults: list[tuple[Any, int, bytes]],
+) -> DeliveryReport:
+    """
+    Turn the outcome of one transaction into per-recipient results.
+
+    @param code: the reply to the data (if any recipient was accepted),
+        else the reply that ended the transaction (C{MAIL FROM}'s, or the
+        last RCPT's).
+    @param rcptResults: C{(address, code, reply)} per RCPT sent.
+    """
+    delivered: list[str] = []
+    deferred: dict[str, str] = {}
+    failed: dict[str, str] = {}
+
+    def record(recipient: str, rcode: int, text: str) -> None:
+        if 200 <= rcode < 300:
+            delivered.append(recipient)
+        elif 500 <= rcode < 600:
+            failed[recipient] = text
+        else:
+            deferred[recipient] = text
+
+    answered = {str(address): (c, r) for address, c, r in rcptResults}
+    for recipient in envelope.recipients:
+        if recipient not in answered:
+            # MAIL FROM failed: its reply is every recipient's.
+            record(recipient, code, _replyText(code, resp))
+            continue
+        rcode, rresp = answered[recipient]
+        if 200 <= rcode < 300:
+            # Accepted at RCPT; the reply to the data decides.
+            record(recipient, code, _replyText(code, resp))
+        else:
+            record(recipient, rcode, _replyText(rcode, rresp))
+    return DeliveryReport(
+        delivered=tuple(delivered), deferred=deferred, failed=failed, host=host
+    )
+
+
+class OutboundQueue:
+    """
+    Messages waiting for a connection to one destination.
+    """
+
+    def take(self, client: RelayClient) -> Outbound | None:
+        """
+        The next message for C{client}, or C{None} if there is none now.
+        """
+        raise NotImplementedError()
+
+    def idle(self, client: RelayClient) -> bool:
+        """
+        C{client} has nothing to send; return C{True} if it should wait for
+        a message (the queue then hands one to L{RelayClient.offer}), or
+        C{False} to let it QUIT.
+        """
+        return False
+
+    def clientGone(self, client: RelayClient, reason: Failure) -> None:
+        """
+        C{client}'s connection has ended.
+        """
+
+
+class RelayClient(smtp.ESMTPClient):
+    """
+    An ESMTP client sending messages from an L{OutboundQueue}; see the
+    module docstring.
+    """
+
+    transport: Any
+    heloFallback = True
+
+    def __init__(
+        self, settings: ClientSettings, queue: OutboundQueue, clock: Any = None
+    ) -> None:
+        smtp.ESMTPClient.__init__(
+            self,
+            secret=settings.password or None,
+            contextFactory=settings.startTLS,
+            identity=settings.heloName.encode("idna"),
+        )
+        self.settings = settings
+        self.queue = queue
+        self.clock = clock
+        self.timeout = RESPONSE_TIMEOUT  # type: ignore[assignment]
+        self.requireAuthentication = bool(settings.username)
+        self.requireTransportSecurity = settings.requireTLS or bool(settings.username)
+        if settings.username:
+            user = settings.username.encode("utf-8")
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+        self.current: Outbound | None = None
+        self.lastError: Failure | None = None
+        self.extensions: dict[bytes, bytes | None] = {}
+        self.sent = 0
+        self._file: IO[bytes] | None = None
+        self._atLineStart = True
+        self._waiting = False
+        # Twisted's client reads these before it first sets them when the
+        # first MAIL FROM is refused.
+        self.successAddresses: list[str] = []
+        self.toAddressesResult: list[tuple[Any, int, bytes]] = []
+
+    # -- capabilities -------------------------------------------------------
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self.extensions = {}
+        for line in resp.splitlines()[1:]:
+            parts = line.split(None, 1)
+            if parts:
+                self.extensions[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+        smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
+
+    # -- taking messages ----------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """
+        Start the next transaction, wait for one, or QUIT.
+        """
+        self._failresponse = self.smtpTransferFailed
+        outbound = self.queue.take(self)
+        while outbound is not None and outbound.done:
+            outbound = self.queue.take(self)
+        if outbound is None:
+            if self.queue.idle(self):
+                self._waiting = True
+                return
+            self._from = None
+            self._disconnectFromServer()
+            return
+        self._start(outbound)
+
+    def offer(self, outbound: Outbound) -> None:
+        """
+        The queue hands a message to this client while it waits.
+        """
+        assert self._waiting
+        self._waiting = False
+        self._start(outbound)
+
+    def quitIfIdle(self) -> None:
+        """
+        The queue has nothing more for this waiting client.
+        """
+        if self._waiting:
+            self._waiting = False
+            self._from = None
+            self._disconnectFromServer()
+
+    def _start(self, outbound: Outbound) -> None:
+        self.current = outbound
+        envelope = outbound.envelope
+        self._from = envelope.sender
+        try:
+            size = os.stat(outbound.messagePath).st_size
+        except OSError as e:
+            self._finish(Failure(UpstreamError(f"cannot read spooled message: {e}")))
+            self.smtpState_from(-1, b"")
+            return
+        params = mailFromParameters(outbound, self.extensions, size)
+        self.sendLine(b"MAIL FROM:" + smtp.quoteaddr(envelope.sender) + params)
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+
+    def getMailTo(self) -> list[str]:
+        assert self.current is not None
+        return list(self.current.envelope.recipients)
+
+    def getMailData(self) -> IO[bytes]:
+        assert self.current is not None
+        self._file = open(self.current.messagePath, "rb")
+        self._atLineStart = True
+        return self._file
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """
+        LF to CRLF and dot-stuffing, also across chunk boundaries.
+        """
+        self.resetTimeout()
+        data = chunk.replace(b"\n", b"\r\n")
+        if self._atLineStart and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        self._atLineStart = data.endswith(b"\n")
+        return data
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        """
+        The transaction is over: report it, then RSET for the next one.  A
+        refused RSET ends the connection (Twisted's client would answer it
+        with another RSET, for ever).
+        """
+        if self._from is not None:
+            self.sentMail(
+                code, resp, len(self.successAddresses), self.toAddressesResult, self.log
+            )
+        self.toAddressesResult = []
+        self.successAddresses = []
+        self._from = None
+        self.sendLine(b"RSET")
+        self._expected = list(range(200, 300))
+        self._okresponse = self.smtpState_from
+        self._failresponse = self._rsetRefused
+
+    def _rsetRefused(self, code: int, resp: bytes) -> None:
+        self.sendError(smtp.SMTPProtocolError(code, resp, isFatal=True))
+
+    def sentMail(
+        self,
+        code: int,
+        resp: bytes,
+        numOk: int,
+        addresses: list[tuple[Any, int, bytes]],
+        log: object,
+    ) -> None:
+        outbound = self.current
+        if outbound is None:
+            return
+        self.sent += 1
+        report = reportFor(outbound.envelope, self.settings.host, code, resp, addresses)
+        self._finish(report)
+
+    def _finish(self, outcome: DeliveryReport | Failure) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        outbound, self.current = self.current, None
+        if outbound is None or outbound.done:
+            return
+        if isinstance(outcome, Failure):
+            outbound.result.errback(outcome)
+        else:
+            outbound.result.callback(outcome)
+
+    # -- failures -----------------------------------------------------------
+
+    def sendError(self, exc: BaseException) -> None:
+        """
+        A connection-level failure: fail the message under way, then close.
+        """
+        text = (
+            exc.resp.decode("utf-8", "replace")
+            if isinstance(exc, smtp.SMTPClientError) and isinstance(exc.resp, bytes)
+            else str(exc)
+        )
+        code = getattr(exc, "code", -1)
+        reason = _replyText(code, text) if code and code > 0 else text
+        self.lastError = Failure(
+            UpstreamError(f"{self.settings.host}: {type(exc).__name__}: {reason}")
+        )
+        self._finish(self.lastError)
+        if isinstance(exc, smtp.SMTPClientError) and not exc.isFatal:
+            self._disconnectFromServer()
+        else:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        smtp.ESMTPClient.connectionLost(self, reason)
+        if self.current is not None:
+            self._finish(
+                Failure(
+                    UpstreamError(
+                        f"{self.settings.host}: connection lost: "
+                        f"{reason.getErrorMessage()}"
+                    )
+                )
+            )
+        self.queue.clientGone(self, reason)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+        """
+        Reply timeouts run on the injected clock.
+        """
+        if self.clock is None:
+            return smtp.ESMTPClient.callLater(self, period, func)
+        return self.clock.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
+        self.sendError(UpstreamError(f"no reply within {self.timeout}s"))
+
+
+class RelayClientFactory(protocol.ClientFactory):
+    """
+    Builds L{RelayClient}s for one destination.
+    """
+
+    def __init__(
+        self, settings: ClientSettings, queue: OutboundQueue, clock: Any = None
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        client = RelayClient(self.settings, self.queue, self.clock)
+        client.factory = self
+        return client
+
+
+def plainAuthResponse(username: str, password: bytes) -> bytes:
+    """
+    The base64 AUTH PLAIN initial response (for tests and fakes).
+    """
+    return base64.b64encode(b"\0" + username.encode() + b"\0" + password)
+
+
+Connect = Callable[[RelayClientFactory], "Deferred[RelayClient]"]
+"""Connects a factory to a destination (an endpoint's C{connect})."""

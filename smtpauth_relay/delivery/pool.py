@@ -1,0 +1,168 @@
+"""
+A pool of connections to one destination, fed from one queue of messages.
+
+At most C{maxConnections} connections are open at once; each sends
+messages one after the other (RSET between) until the queue is empty, then
+waits C{linger} seconds for another before it QUITs.  A message that waits
+while no connection can be made fails (temporarily) with the reason, and is
+retried by the relay's queue runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smtpauth_relay.delivery.client import (
+    Connect,
+    Outbound,
+    OutboundQueue,
+    RelayClient,
+    RelayClientFactory,
+    UpstreamError,
+)
+from smtpauth_relay.envelope import DeliveryReport
+
+log = Logger()
+
+
+class ConnectionPool(OutboundQueue):
+    """
+    Connections to one destination; see the module docstring.
+
+    @ivar connectionsMade: connections opened so far (for logs and tests).
+    """
+
+    def __init__(
+        self,
+        factory: RelayClientFactory,
+        connect: Connect,
+        clock: Any,
+        maxConnections: int = 2,
+        linger: float = 2.0,
+        deadline: float = 600.0,
+    ) -> None:
+        """
+        @param factory: its C{queue} is set to this pool.
+        @param connect: opens one connection with C{factory}.
+        @param deadline: seconds a message may take, queued or being sent,
+            before it fails and its connection is aborted.
+        """
+        self.factory = factory
+        factory.queue = self
+        factory.clock = clock
+        self._connect = connect
+        self.clock = clock
+        self.maxConnections = maxConnections
+        self.linger = linger
+        self.deadline = deadline
+        self.waiting: deque[Outbound] = deque()
+        self.clients: set[RelayClient] = set()
+        self.connecting = 0
+        self.connectionsMade = 0
+        self._idle: dict[RelayClient, Any] = {}
+
+    def send(self, outbound: Outbound) -> Deferred[DeliveryReport]:
+        """
+        Queue C{outbound}; its C{result} fires with its report.
+        """
+        outbound.result.addTimeout(self.deadline, self.clock, self._timedOut(outbound))
+        self.waiting.append(outbound)
+        self._dispatch()
+        return outbound.result
+
+    def _timedOut(self, outbound: Outbound) -> Any:
+        def onTimeout(result: object, timeout: float) -> Failure:
+            for client in list(self.clients):
+                if client.current is outbound:
+                    client.transport.abortConnection()
+            return Failure(UpstreamError(f"no result within {timeout:.0f}s"))
+
+        return onTimeout
+
+    def _dispatch(self) -> None:
+        while self.waiting and self._idle:
+            client, call = self._idle.popitem()
+            if call.active():
+                call.cancel()
+            outbound = self._next()
+            if outbound is None:
+                self._idle[client] = call
+                return
+            client.offer(outbound)
+        needed = len(self.waiting) - self.connecting
+        while needed > 0 and len(self.clients) + self.connecting < self.maxConnections:
+            needed -= 1
+            self._open()
+
+    def _open(self) -> None:
+        self.connecting += 1
+        d = self._connect(self.factory)
+
+        def connected(client: RelayClient) -> None:
+            self.connecting -= 1
+            self.connectionsMade += 1
+            self.clients.add(client)
+
+        def failed(reason: Failure) -> None:
+            self.connecting -= 1
+            log.warn(
+                "cannot connect to {host}: {reason}",
+                host=self.factory.settings.host,
+                reason=reason.getErrorMessage(),
+            )
+            if not self.clients and not self.connecting:
+                self._failWaiting(reason)
+
+        d.addCallbacks(connected, failed)
+
+    def _failWaiting(self, reason: Failure) -> None:
+        error = UpstreamError(
+            f"{self.factory.settings.host}: {reason.getErrorMessage()}"
+        )
+        waiting, self.waiting = self.waiting, deque()
+        for outbound in waiting:
+            if not outbound.done:
+                outbound.result.errback(Failure(error))
+
+    def _next(self) -> Outbound | None:
+        while self.waiting:
+            outbound = self.waiting.popleft()
+            if not outbound.done:
+                return outbound
+        return None
+
+    # -- OutboundQueue -----------------------------------------------------
+
+    def take(self, client: RelayClient) -> Outbound | None:
+        return self._next()
+
+    def idle(self, client: RelayClient) -> bool:
+        if self.linger <= 0:
+            return False
+        self._idle[client] = self.clock.callLater(self.linger, self._quit, client)
+        return True
+
+    def _quit(self, client: RelayClient) -> None:
+        self._idle.pop(client, None)
+        client.quitIfIdle()
+
+    def clientGone(self, client: RelayClient, reason: Failure) -> None:
+        self.clients.discard(client)
+        call = self._idle.pop(client, None)
+        if call is not None and call.active():
+            call.cancel()
+        if not self.waiting:
+            return
+        if client.sent > 0:
+            self._dispatch()
+        elif not self.clients and not self.connecting:
+            # The destination took a connection but no message (TLS or AUTH
+            # failed, it hung up): connecting again now would fail the same
+            # way, so the waiting messages fail and are retried later.
+            self._failWaiting(client.lastError or reason)
+        # Otherwise the other connections take the waiting messages.

@@ -1,0 +1,106 @@
+"""
+Smarthost delivery: every message goes to one upstream server (the
+provider's submission server), over STARTTLS or implicit TLS, with AUTH,
+through a small pool of reused connections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smtpauth_relay.delivery.client import (
+    ClientSettings,
+    Outbound,
+    OutboundQueue,
+    RelayClientFactory,
+)
+from smtpauth_relay.delivery.pool import ConnectionPool
+from smtpauth_relay.envelope import DeliveryReport, Envelope
+from smtpauth_relay.interfaces import IDeliveryAgent
+
+log = Logger()
+
+
+def clientTLSOptions(host: str, verify: bool, caFile: str | None = None) -> Any:
+    """
+    TLS options towards C{host}: its certificate verified for its name
+    (service-identity) against the system's CAs or C{caFile}, unless
+    C{verify} is off.
+    """
+    if not verify:
+        return ssl.CertificateOptions(verify=False)
+    trustRoot: Any = None
+    if caFile:
+        with open(caFile, "rb") as f:
+            trustRoot = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(block) for block in _pemBlocks(f.read())]
+            )
+    return ssl.optionsForClientTLS(host, trustRoot=trustRoot)
+
+
+def _pemBlocks(pem: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [
+        block.strip() + b"\n" + end + b"\n"
+        for block in pem.split(end)
+        if b"-----BEGIN CERTIFICATE-----" in block
+    ]
+
+
+@implementer(IDeliveryAgent)
+class SmarthostDelivery:
+    """
+    Sends every message to one smarthost.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        tls: str,
+        heloName: str,
+        verify: bool = True,
+        caFile: str | None = None,
+        username: str = "",
+        password: bytes = b"",
+        forwardAuthIdentity: bool = False,
+        maxConnections: int = 2,
+        connectTimeout: float = 30.0,
+        timeout: float = 600.0,
+    ) -> None:
+        if username and tls == "none":
+            raise ValueError("refusing to send credentials without TLS")
+        self.host = host
+        self.forwardAuthIdentity = forwardAuthIdentity
+        options = clientTLSOptions(host, verify, caFile) if tls != "none" else None
+        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=connectTimeout)
+        if tls == "implicit":
+            assert options is not None
+            endpoint = wrapClientTLS(options, endpoint)
+        settings = ClientSettings(
+            heloName=heloName,
+            host=host,
+            username=username,
+            password=password,
+            startTLS=options if tls == "starttls" else None,
+            requireTLS=tls == "starttls",
+        )
+        self.pool = ConnectionPool(
+            RelayClientFactory(settings, OutboundQueue()),
+            endpoint.connect,
+            reactor,
+            maxConnections=maxConnections,
+            deadline=timeout,
+        )
+
+    def deliver(self, envelope: Envelope, messagePath: str) -> Deferred[DeliveryReport]:
+        return self.pool.send(
+            Outbound(envelope, messagePath, forwardIdentity=self.forwardAuthIdentity)
+        )

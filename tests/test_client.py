@@ -1,0 +1,456 @@
+"""
+Tests for the outbound ESMTP client and its connection pool, against a
+scripted upstream in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpauth_relay.delivery.client import (
+    ClientSettings,
+    Outbound,
+    OutboundQueue,
+    RelayClientFactory,
+    UpstreamError,
+    mailFromParameters,
+)
+from smtpauth_relay.delivery.pool import ConnectionPool
+from smtpauth_relay.envelope import DeliveryReport, Envelope
+from tests.fakeupstream import FakeTLSContext, MemoryConnector, UpstreamScript
+
+
+def envelope(queueId: str = "Q1", *recipients: str, **kw: Any) -> Envelope:
+    fields: dict[str, Any] = dict(sender="alice@example.org", auth="alice")
+    fields.update(kw)
+    return Envelope(
+        queueId=queueId, recipients=recipients or ("bob@example.net",), **fields
+    )
+
+
+class PoolTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.script = UpstreamScript()
+        self.connector = MemoryConnector(self.script)
+
+    def pool(self, **settings: Any) -> ConnectionPool:
+        options: dict[str, Any] = dict(heloName="relay.example.org", host="upstream")
+        options.update(settings)
+        return ConnectionPool(
+            RelayClientFactory(ClientSettings(**options), OutboundQueue()),
+            self.connector,
+            self.clock,
+            maxConnections=2,
+            linger=2.0,
+            deadline=600.0,
+        )
+
+    def message(self, body: bytes = b"Subject: hi\n\nhello\n") -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(body)
+        return path
+
+    def send(
+        self, pool: ConnectionPool, env: Envelope, body: bytes | None = None, **kw: Any
+    ) -> Any:
+        path = self.message(body) if body is not None else self.message()
+        return pool.send(Outbound(env, path, **kw))
+
+
+class DeliveryTests(PoolTestCase):
+    def test_delivered(self) -> None:
+        """
+        A message is sent with MAIL FROM, RCPT, DATA; every recipient is
+        reported delivered, and the body arrives with CRLF line endings.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "bob@example.net", "carol@example.net"))
+        self.connector.flush()
+        report: DeliveryReport = self.successResultOf(d)
+        self.assertEqual(report.delivered, ("bob@example.net", "carol@example.net"))
+        self.assertEqual(report.host, "upstream")
+        (transaction,) = self.script.transactions
+        self.assertEqual(transaction.data, b"Subject: hi\r\n\r\nhello\r\n")
+        self.assertEqual(
+            transaction.recipients, [b"bob@example.net", b"carol@example.net"]
+        )
+
+    def test_mailFromParameters(self) -> None:
+        """
+        MAIL FROM carries SIZE, BODY=8BITMIME for 8-bit messages, and
+        AUTH=<> when the upstream offers AUTH and the identity is not
+        forwarded.
+        """
+        pool = self.pool()
+        body = "Subject: x\n\nGrüße\n".encode()
+        d = self.send(pool, envelope(body="8BITMIME"), body)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertEqual(
+            self.script.transactions[0].mailFrom,
+            b"MAIL FROM:<alice@example.org> SIZE=%d BODY=8BITMIME AUTH=<>" % len(body),
+        )
+
+    def test_forwardedIdentity(self) -> None:
+        """
+        With identity forwarding, AUTH= names the submitter, xtext-encoded.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope(auth="al+ice=x"), forwardIdentity=True)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertTrue(
+            self.script.transactions[0].mailFrom.endswith(b" AUTH=al+2Bice+3Dx")
+        )
+
+    def test_noAuthParameterWithoutAuthExtension(self) -> None:
+        """
+        An upstream that does not offer AUTH gets no AUTH= parameter at all.
+        """
+        self.script.extensions = [b"SIZE 1000000"]
+        pool = self.pool()
+        d = self.send(pool, envelope(), forwardIdentity=True)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertNotIn(b"AUTH=", self.script.transactions[0].mailFrom)
+
+    def test_nullSender(self) -> None:
+        """
+        A bounce goes out with MAIL FROM:<>.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope(sender="", auth="<>"))
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertTrue(
+            self.script.transactions[0].mailFrom.startswith(b"MAIL FROM:<> ")
+        )
+
+    def test_perRecipientResults(self) -> None:
+        """
+        Recipients accepted, refused temporarily and refused permanently at
+        RCPT are reported apart: delivered, deferred (4xx) and failed (5xx).
+        """
+        pool = self.pool()
+        d = self.send(
+            pool,
+            envelope(
+                "Q1", "ok@example.net", "tempfail@example.net", "reject@example.net"
+            ),
+        )
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(report.delivered, ("ok@example.net",))
+        self.assertEqual(
+            report.deferred, {"tempfail@example.net": "451 4.2.0 Try again later"}
+        )
+        self.assertEqual(
+            report.failed, {"reject@example.net": "550 5.1.1 No such user"}
+        )
+
+    def test_noRecipientAccepted(self) -> None:
+        """
+        With no recipient accepted there is no DATA; each recipient has its
+        own RCPT reply.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "reject@example.net"))
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(
+            report.failed, {"reject@example.net": "550 5.1.1 No such user"}
+        )
+        self.assertNotIn(b"DATA", self.script.commands)
+
+    def test_dataRefused(self) -> None:
+        """
+        A temporary failure after the data defers every accepted recipient,
+        with that reply.
+        """
+        self.script.dataReply = b"451 4.3.0 Queue full"
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "ok@example.net", "reject@example.net"))
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(report.deferred, {"ok@example.net": "451 4.3.0 Queue full"})
+        self.assertEqual(
+            report.failed, {"reject@example.net": "550 5.1.1 No such user"}
+        )
+
+    def test_senderRefused(self) -> None:
+        """
+        A refused MAIL FROM is every recipient's answer.
+        """
+        self.script.mailReply = b"553 5.7.1 Sender not allowed"
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "a@example.net", "b@example.net"))
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(
+            report.failed,
+            {
+                "a@example.net": "553 5.7.1 Sender not allowed",
+                "b@example.net": "553 5.7.1 Sender not allowed",
+            },
+        )
+
+
+class DotStuffingTests(PoolTestCase):
+    def test_leadingDots(self) -> None:
+        """
+        Lines starting with a dot are stuffed and arrive intact.
+        """
+        pool = self.pool()
+        body = b"Subject: x\n\n.one\n..two\n.\nend\n"
+        d = self.send(pool, envelope(), body)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertEqual(
+            self.script.transactions[0].data,
+            b"Subject: x\r\n\r\n.one\r\n..two\r\n.\r\nend\r\n",
+        )
+
+    def test_dotAtChunkBoundary(self) -> None:
+        """
+        A line starting with a dot right at the boundary of the chunks the
+        file is read in is stuffed too, so a lone "." there cannot end the
+        message early (Twisted's client stuffs only within a chunk).
+        """
+        chunk = 2**14
+        head = b"Subject: x\n\n"
+        filler = b"x" * (chunk - len(head) - 1) + b"\n"
+        body = head + filler + b".\n" + b"after the dot\n"
+        self.assertEqual(body[chunk : chunk + 1], b".")
+        pool = self.pool()
+        d = self.send(pool, envelope(), body)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.script.transactions[0].data, body.replace(b"\n", b"\r\n"))
+
+
+class ReuseTests(PoolTestCase):
+    def test_oneConnectionForSeveralMessages(self) -> None:
+        """
+        Messages queued together go over one connection, with RSET between
+        transactions, and the connection is closed with QUIT after the
+        linger time.
+        """
+        pool = self.pool()
+        pool.maxConnections = 1
+        results = [self.send(pool, envelope(f"Q{i}")) for i in range(5)]
+        self.connector.flush()
+        for d in results:
+            self.assertEqual(self.successResultOf(d).delivered, ("bob@example.net",))
+        self.assertEqual(self.script.connections, 1)
+        self.assertEqual(len(self.script.transactions), 5)
+        self.assertEqual(self.script.commands.count(b"RSET"), 5)
+        self.assertNotIn(b"QUIT", self.script.commands)
+        self.clock.advance(2)
+        self.connector.flush()
+        self.assertEqual(self.script.commands[-1], b"QUIT")
+        self.assertEqual(pool.clients, set())
+
+    def test_lingeringConnectionReused(self) -> None:
+        """
+        A message arriving while a connection lingers is sent over it,
+        without a new connection.
+        """
+        pool = self.pool()
+        first = self.send(pool, envelope("Q1"))
+        self.connector.flush()
+        self.successResultOf(first)
+        self.clock.advance(1)
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.successResultOf(second)
+        self.assertEqual(self.script.connections, 1)
+
+    def test_connectionLimit(self) -> None:
+        """
+        No more than C{maxConnections} connections are opened for a burst.
+        """
+        pool = self.pool()
+        results = [self.send(pool, envelope(f"Q{i}")) for i in range(10)]
+        self.assertEqual(pool.connectionsMade, 2)
+        self.connector.flush()
+        for d in results:
+            self.successResultOf(d)
+        self.assertEqual(self.script.connections, 2)
+
+    def test_rsetRefusedEndsConnection(self) -> None:
+        """
+        An upstream refusing RSET gets the connection closed, not an endless
+        RSET loop; the next message goes over a new connection.
+        """
+        self.script.rsetReply = b"500 5.5.1 What?"
+        pool = self.pool()
+        pool.maxConnections = 1
+        first = self.send(pool, envelope("Q1"))
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.script.commands.count(b"RSET"), 2)
+        self.assertEqual(self.script.connections, 2)
+
+
+class FailureTests(PoolTestCase):
+    def test_connectionRefused(self) -> None:
+        """
+        A refused connection fails the waiting messages with
+        L{UpstreamError} (a temporary failure for the queue).
+        """
+        self.connector.refuse = ConnectionRefusedError()
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        failure = self.failureResultOf(d, UpstreamError)
+        self.assertIn("upstream", str(failure.value))
+
+    def test_deadline(self) -> None:
+        """
+        An upstream that never answers fails the message after the deadline
+        (a temporary failure), and the silent connection is aborted after
+        the reply timeout.
+        """
+        self.script.silent = True
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.assertNoResult(d)
+        self.clock.advance(300)
+        self.assertTrue(self.connector.pumps[0].clientIO.disconnecting)
+        self.clock.advance(300)
+        self.failureResultOf(d, UpstreamError)
+
+    def test_deadlineDuringTransfer(self) -> None:
+        """
+        A message still not done at the deadline aborts the connection
+        carrying it.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.successResultOf(d)
+        self.script.silent = True
+        slow = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.clock.advance(600)
+        self.failureResultOf(slow, UpstreamError)
+        self.assertTrue(self.connector.pumps[0].clientIO.disconnecting)
+
+    def test_authentication(self) -> None:
+        """
+        With a username the client starts TLS, then logs in (AUTH PLAIN)
+        before MAIL FROM.
+        """
+        self.script.users = {b"relay": b"s3cret"}
+        self.script.tls = True
+        pool = self.pool(
+            username="relay",
+            password=b"s3cret",
+            startTLS=FakeTLSContext(),
+            requireTLS=True,
+        )
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.script.commands[1], b"STARTTLS")
+        self.assertTrue(self.script.commands[3].startswith(b"AUTH PLAIN "))
+
+    def test_tlsHandshakeFails(self) -> None:
+        """
+        A failed TLS handshake fails the waiting messages, without a
+        reconnection loop and without sending anything in the clear.
+        """
+        self.script.tls = True
+        self.script.tlsAccepts = False
+        pool = self.pool(startTLS=FakeTLSContext(), requireTLS=True)
+        first = self.send(pool, envelope("Q1"))
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.failureResultOf(first, UpstreamError)
+        self.failureResultOf(second, UpstreamError)
+        self.assertEqual(self.script.transactions, [])
+        self.assertLessEqual(self.script.connections, 2)
+
+    def test_authenticationRefused(self) -> None:
+        """
+        Refused credentials fail the message (temporarily) and the pool does
+        not reconnect in a loop.
+        """
+        self.script.users = {b"relay": b"other"}
+        self.script.tls = True
+        pool = self.pool(
+            username="relay",
+            password=b"s3cret",
+            startTLS=FakeTLSContext(),
+            requireTLS=True,
+        )
+        first = self.send(pool, envelope("Q1"))
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.failureResultOf(first, UpstreamError)
+        self.failureResultOf(second, UpstreamError)
+        self.assertLessEqual(self.script.connections, 2)
+        self.assertEqual(self.script.transactions, [])
+
+    def test_noCredentialsWithoutTLS(self) -> None:
+        """
+        Credentials are never sent over a connection without TLS: with a
+        username and an upstream that offers no STARTTLS, the message fails
+        and no AUTH command is sent.
+        """
+        self.script.users = {b"relay": b"s3cret"}
+        pool = self.pool(username="relay", password=b"s3cret", startTLS=object())
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.failureResultOf(d, UpstreamError)
+        self.assertFalse(any(c.startswith(b"AUTH") for c in self.script.commands))
+
+    def test_requiredTLSMissing(self) -> None:
+        """
+        With STARTTLS required and not offered, nothing is sent.
+        """
+        pool = self.pool(startTLS=object(), requireTLS=True)
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.failureResultOf(d, UpstreamError)
+        self.assertEqual(self.script.transactions, [])
+
+    def test_missingSpoolFile(self) -> None:
+        """
+        A spool file that vanished fails that message only; the next one
+        on the connection is still sent.
+        """
+        pool = self.pool()
+        pool.maxConnections = 1
+        gone = pool.send(Outbound(envelope("Q1"), "/nonexistent/Q1.msg"))
+        ok = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.failureResultOf(gone, UpstreamError)
+        self.successResultOf(ok)
+
+
+class MailFromParametersTests(SynchronousTestCase):
+    def test_withoutExtensions(self) -> None:
+        """
+        No parameter is sent that the server did not offer.
+        """
+        outbound = Outbound(envelope(body="8BITMIME"), "x", forwardIdentity=True)
+        self.assertEqual(mailFromParameters(outbound, {}, 10), b"")
+
+    def test_nullIdentityNotForwarded(self) -> None:
+        """
+        An envelope whose AUTH is C{<>} is sent as AUTH=<> even when
+        forwarding.
+        """
+        outbound = Outbound(envelope(auth="<>"), "x", forwardIdentity=True)
+        self.assertEqual(
+            mailFromParameters(outbound, {b"AUTH": b"PLAIN"}, 10), b" AUTH=<>"
+        )
