@@ -198,6 +198,8 @@ class DeliveryConfig:
         smarthost; in mx mode STARTTLS is always opportunistic.
     @ivar verify: Whether the smarthost's certificate must be valid for
         C{host}.
+    @ivar ca_file: PEM file of the CAs to trust for that, instead of the
+        system's, or C{None}.
     @ivar username: The login at the smarthost, or C{""} for none.
     @ivar password_file: Absolute path of the file holding its password.
     @ivar forward_auth_identity: Whether MAIL FROM upstream names the
@@ -215,6 +217,7 @@ class DeliveryConfig:
     port: int = 0
     tls: str = "starttls"
     verify: bool = True
+    ca_file: str | None = None
     username: str = ""
     password_file: str | None = None
     forward_auth_identity: bool = False
@@ -271,6 +274,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "port",
         "tls",
         "verify",
+        "ca_file",
         "username",
         "password_file",
         "forward_auth_identity",
@@ -1328,6 +1332,14 @@ class _Validator:
             table.values.pop("port")
         table.choice("tls", DELIVERY_TLS_MODES)
         table.boolean("verify")
+        table.path("ca_file", emptyIsUnset=True)
+        if table.values.get("ca_file"):
+            try:
+                loadCertificates(table.values["ca_file"])
+            except (OSError, ValueError) as e:
+                table.report("ca_file", getattr(e, "strerror", None) or str(e))
+        elif "ca_file" in table.values:
+            table.values.pop("ca_file")
         table.string("username")
         table.path("password_file", emptyIsUnset=True)
         table.boolean("forward_auth_identity")

@@ -1,34 +1,95 @@
 """
-The queue runner: hands every spooled message to the delivery agent, retries
-on failure, and removes a message from the spool only once every recipient
-has been delivered.
+The queue runner: hands every spooled message to the delivery agent,
+retries what failed temporarily, bounces what failed for good, and removes a
+message from the spool only once every recipient is dealt with.
 
-At start it picks up whatever the spool holds (messages accepted before a
-crash or C{kill -9}); afterwards the spool tells it of each new commit.
-A failed attempt is recorded in the envelope and retried after the next
-interval of C{retry_schedule} (the last interval repeats).  Recipients the
-agent reports as permanently failed are kept and retried as well, with an
-error in the log: no accepted recipient is dropped.
+  - At start it picks up whatever the spool holds (messages accepted before
+    a crash or C{kill -9}), each at the time its envelope says; afterwards
+    the spool tells it of each new commit.
+  - Each attempt is recorded in the envelope (time, host, reply).  A
+    recipient refused temporarily (4xx, or a connection problem) is retried
+    after the next interval of C{retry_schedule} (the last one repeats).
+  - A recipient refused permanently (5xx), and every recipient still not
+    delivered after C{max_lifetime}, gets an RFC 3464 bounce to the
+    envelope sender (never for a null sender), queued durably before the
+    recipient leaves the envelope.
+  - Optionally, after C{delay_warning} the sender is told once that the
+    message is still being retried.
+  - Recipients the agent does not mention at all are retried, not dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    fail,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from smtpauth_relay.envelope import Attempt, DeliveryReport
-from smtpauth_relay.interfaces import IDeliveryAgent, ISpool
+from smtpauth_relay.bounce import RecipientFailure, makeBounce, shouldBounce
+from smtpauth_relay.envelope import NULL_AUTH, Attempt, DeliveryReport, Envelope
+from smtpauth_relay.errors import QueueBusy
+from smtpauth_relay.interfaces import IDeliveryAgent, IQueueControl, ISpool
 from smtpauth_relay.threads import RunInThread, runNow
 
 log = Logger()
 
 DEFAULT_RETRY_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+DEFAULT_MAX_LIFETIME = 5 * 24 * 3600.0
 
 
+async def queueBounce(
+    spool: ISpool,
+    envelope: Envelope,
+    failures: Sequence[RecipientFailure],
+    reportingHost: str,
+    now: float,
+    runInThread: RunInThread,
+    expired: bool = False,
+) -> str | None:
+    """
+    Queue a bounce of C{failures} to C{envelope}'s sender, durably.
+
+    @return: the bounce's queue id, or C{None} when the sender is null (no
+        bounce for a bounce).
+    """
+    if not shouldBounce(envelope) or not failures:
+        return None
+    data = await runInThread(
+        partial(makeBounce, expired=expired),
+        envelope,
+        list(failures),
+        spool.messagePath(envelope.queueId),
+        reportingHost,
+        now,
+    )
+    writer = spool.newMessage()
+    writer.write(data)
+    bounce = Envelope(
+        queueId=writer.queueId,
+        sender="",
+        recipients=(envelope.sender,),
+        auth=NULL_AUTH,
+        helo=reportingHost,
+        receivedAt=now,
+        size=len(data),
+    )
+    queueId: str = await writer.commit(bounce)
+    return queueId
+
+
+@implementer(IQueueControl)
 class QueueRunner(Service):
     """
     Delivers the spool's messages through one L{IDeliveryAgent}.
@@ -42,15 +103,22 @@ class QueueRunner(Service):
         retrySchedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE,
         maxConcurrent: int = 20,
         runInThread: RunInThread = runNow,
+        maxLifetime: float = DEFAULT_MAX_LIFETIME,
+        delayWarning: float = 0.0,
+        hostname: str = "localhost",
     ) -> None:
         """
-        @param runInThread: where to read envelopes from the spool (off the
-            reactor thread in the service; at once in tests).
+        @param runInThread: where to read the spool and build bounces (off
+            the reactor thread in the service; at once in tests).
+        @param hostname: our name, in bounces.
         """
         self.spool = spool
         self.agent = agent
         self.clock = clock
         self.retrySchedule = retrySchedule
+        self.maxLifetime = maxLifetime
+        self.delayWarning = delayWarning
+        self.hostname = hostname
         self._runInThread = runInThread
         self._semaphore = DeferredSemaphore(maxConcurrent)
         self._scheduled: dict[str, Any] = {}
@@ -62,8 +130,13 @@ class QueueRunner(Service):
         if not self._listening:
             self.spool.addListener(self._committed)
             self._listening = True
+        now = self.clock.seconds()
         for queueId in self.spool.queued():
-            self.schedule(queueId, 0)
+            try:
+                due = self.spool.load(queueId).nextAttempt
+            except (KeyError, ValueError):
+                due = 0.0
+            self.schedule(queueId, max(0.0, due - now))
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -85,6 +158,11 @@ class QueueRunner(Service):
         if queueId in self._scheduled or queueId in self._active:
             return
         self._scheduled[queueId] = self.clock.callLater(delay, self._start, queueId)
+
+    def _unschedule(self, queueId: str) -> None:
+        call = self._scheduled.pop(queueId, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def retryDelay(self, attempts: int) -> float:
         """
@@ -112,10 +190,10 @@ class QueueRunner(Service):
 
     async def _attempt(self, queueId: str) -> float | None:
         """
-        One delivery attempt.
+        One delivery attempt, and what follows from it.
 
-        @return: seconds until the next attempt, or C{None} when there is
-            nothing left to deliver.
+        @return: seconds until the next attempt, or C{None} when the message
+            has left the queue.
         """
         try:
             envelope = await self._runInThread(self.spool.load, queueId)
@@ -125,53 +203,186 @@ class QueueRunner(Service):
             report = await self.agent.deliver(envelope, self.spool.messagePath(queueId))
         except Exception as e:
             report = DeliveryReport(
-                deferred={r: f"{type(e).__name__}: {e}" for r in envelope.recipients}
+                deferred={r: _reason(e) for r in envelope.recipients},
+                host=getattr(e, "host", ""),
             )
+        now = self.clock.seconds()
+        for recipient in report.delivered:
+            if recipient in envelope.recipients:
+                log.info(
+                    "{queueId} delivered to <{recipient}> via {host}",
+                    queueId=queueId,
+                    recipient=recipient,
+                    host=report.host,
+                    outcome="delivered",
+                )
         # Only what the agent says it delivered is done: a recipient it does
         # not mention at all stays, and is retried.
-        remaining = tuple(r for r in envelope.recipients if r not in report.delivered)
-        unreported = [
-            r for r in remaining if r not in report.deferred and r not in report.failed
-        ]
-        if unreported:
-            log.error(
-                "{queueId}: delivery report does not mention {recipients}; retrying",
-                queueId=queueId,
-                recipients=unreported,
+        deferred = {
+            r: report.deferred.get(r, "not reported by the delivery agent")
+            for r in envelope.recipients
+            if r not in report.delivered and r not in report.failed
+        }
+        failed = {
+            r: report.failed[r] for r in envelope.recipients if r in report.failed
+        }
+        attempt = Attempt(
+            time=now,
+            host=report.host,
+            reply="; ".join(sorted(set(deferred.values()) | set(failed.values())))
+            or "250 delivered",
+        )
+        expired = bool(deferred) and now - envelope.receivedAt >= self.maxLifetime
+        bounced = dict(failed)
+        if expired:
+            bounced.update(deferred)
+        if bounced:
+            await self._bounce(
+                envelope,
+                [
+                    RecipientFailure(r, reply, report.host or None)
+                    for r, reply in bounced.items()
+                ],
+                expired=expired,
+                now=now,
             )
-        for recipient in report.delivered:
-            log.info(
-                "{queueId} delivered to <{recipient}> via {host}",
-                queueId=queueId,
-                recipient=recipient,
-                host=report.host,
-            )
+        remaining = tuple(
+            r for r in envelope.recipients if r in deferred and r not in bounced
+        )
         if not remaining:
             await self.spool.remove(queueId)
             return None
-        for recipient, reason in report.failed.items():
-            log.error(
-                "{queueId} to <{recipient}> failed permanently: {reason}; kept for retry",
-                queueId=queueId,
-                recipient=recipient,
-                reason=reason,
-            )
-        reasons = {r: "not reported by the delivery agent" for r in unreported}
-        reasons.update(report.deferred)
-        reasons.update(report.failed)
-        attempt = Attempt(
-            time=self.clock.seconds(),
-            host=report.host,
-            reply="; ".join(sorted(set(reasons.values()))),
-        )
         updated = envelope.withAttempt(attempt, remaining)
-        await self.spool.saveEnvelope(updated)
+        if (
+            self.delayWarning
+            and not updated.delayWarned
+            and now - envelope.receivedAt >= self.delayWarning
+        ):
+            await self._warnDelay(updated, deferred, report.host, now)
+            updated = replace(updated, delayWarned=True)
         delay = self.retryDelay(len(updated.attempts))
+        updated = replace(updated, nextAttempt=now + delay)
+        await self.spool.saveEnvelope(updated)
         log.warn(
-            "{queueId} deferred for {count} recipient(s): {reply}; retry in {delay}s",
+            "{queueId} deferred for {count} recipient(s) via {host}: {reply}; "
+            "retry in {delay:.0f}s",
             queueId=queueId,
             count=len(remaining),
+            host=report.host,
             reply=attempt.reply,
             delay=delay,
+            outcome="deferred",
         )
         return delay
+
+    async def _bounce(
+        self,
+        envelope: Envelope,
+        failures: list[RecipientFailure],
+        expired: bool,
+        now: float,
+    ) -> None:
+        bounceId = await queueBounce(
+            self.spool,
+            envelope,
+            failures,
+            self.hostname,
+            now,
+            self._runInThread,
+            expired=expired,
+        )
+        for failure in failures:
+            log.warn(
+                "{queueId} to <{recipient}> {outcome}: {reply}; bounce {bounceId}",
+                queueId=envelope.queueId,
+                recipient=failure.recipient,
+                outcome="expired" if expired else "bounced",
+                reply=failure.reply,
+                bounceId=bounceId or "not sent (null sender)",
+            )
+
+    async def _warnDelay(
+        self, envelope: Envelope, deferred: dict[str, str], host: str, now: float
+    ) -> None:
+        bounceId = await queueBounce(
+            self.spool,
+            envelope,
+            [
+                RecipientFailure(r, reply, host or None, action="delayed")
+                for r, reply in deferred.items()
+                if r in envelope.recipients
+            ],
+            self.hostname,
+            now,
+            self._runInThread,
+        )
+        log.info(
+            "{queueId} delayed; warning {bounceId} sent to <{sender}>",
+            queueId=envelope.queueId,
+            bounceId=bounceId,
+            sender=envelope.sender,
+        )
+
+    # -- IQueueControl --------------------------------------------------------
+
+    def flush(self) -> int:
+        """
+        See L{IQueueControl.flush}.
+        """
+        count = 0
+        for queueId in self.spool.queued():
+            if queueId in self._active:
+                continue
+            self._unschedule(queueId)
+            self.schedule(queueId, 0)
+            count += 1
+        log.info("queue flushed: {count} message(s) scheduled", count=count)
+        return count
+
+    def _idleMessage(self, queueId: str) -> Deferred[Envelope]:
+        if queueId in self._active:
+            return fail(QueueBusy(queueId))
+        try:
+            return succeed(self.spool.load(queueId))
+        except KeyError:
+            return fail(KeyError(queueId))
+
+    def delete(self, queueId: str) -> Deferred[None]:
+        """
+        See L{IQueueControl.delete}.
+        """
+
+        async def delete() -> None:
+            await self._idleMessage(queueId)
+            self._unschedule(queueId)
+            await self.spool.remove(queueId)
+            log.warn("{queueId} deleted by the administrator", queueId=queueId)
+
+        return Deferred.fromCoroutine(delete())
+
+    def bounce(self, queueId: str) -> Deferred[None]:
+        """
+        See L{IQueueControl.bounce}.
+        """
+
+        async def bounce() -> None:
+            envelope = await self._idleMessage(queueId)
+            self._unschedule(queueId)
+            last = envelope.attempts[-1] if envelope.attempts else None
+            reason = "delivery abandoned by the administrator"
+            if last is not None:
+                reason += f"; last error: {last.reply}"
+            await self._bounce(
+                envelope,
+                [RecipientFailure(r, reason, None) for r in envelope.recipients],
+                expired=False,
+                now=self.clock.seconds(),
+            )
+            await self.spool.remove(queueId)
+
+        return Deferred.fromCoroutine(bounce())
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())

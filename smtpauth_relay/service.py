@@ -23,8 +23,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smtpauth_relay.auth import makePortal
-from smtpauth_relay.config import Config
+from smtpauth_relay.config import Config, readPasswordFile
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
+from smtpauth_relay.delivery.smarthost import SmarthostDelivery
+from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import (
@@ -33,7 +35,7 @@ from smtpauth_relay.server import (
     SessionSettings,
 )
 from smtpauth_relay.spool import Spool
-from smtpauth_relay.threads import ownThreadPool, threadPoolRunner
+from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import serverContextFactory
 
 log = Logger()
@@ -140,11 +142,59 @@ def makeRelayService(
             tls=listener.tls,
         )
 
-    ensureMaildir(config.delivery.directory)
-    agent = MaildirDelivery(config.delivery.directory, runInThread, reactor)
-    QueueRunner(spool, agent, reactor, runInThread=runInThread).setServiceParent(top)
+    agent = makeDeliveryAgent(config, reactor, runInThread)
+    runner = QueueRunner(
+        spool,
+        agent,
+        reactor,
+        retrySchedule=config.queue.retry_schedule,
+        maxConcurrent=config.queue.max_concurrent_deliveries,
+        runInThread=runInThread,
+        maxLifetime=config.queue.max_lifetime,
+        delayWarning=config.queue.delay_warning,
+        hostname=config.server.hostname,
+    )
+    runner.setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
+
+
+def makeDeliveryAgent(
+    config: Config, reactor: Any, runInThread: RunInThread
+) -> IDeliveryAgent:
+    """
+    The outbound side for C{[delivery] mode}.
+    """
+    delivery = config.delivery
+    if delivery.mode == "maildir":
+        ensureMaildir(delivery.directory)
+        return MaildirDelivery(delivery.directory, runInThread, reactor)
+    if delivery.mode == "smarthost":
+        if not delivery.verify:
+            log.warn(
+                "[delivery] verify = false: the smarthost {host}'s certificate is "
+                "not checked; anyone on the path can read the mail and the password",
+                host=delivery.host,
+            )
+        password = (
+            readPasswordFile(delivery.password_file) if delivery.password_file else b""
+        )
+        return SmarthostDelivery(
+            reactor,
+            delivery.host,
+            delivery.port,
+            delivery.tls,
+            heloName=config.server.hostname,
+            verify=delivery.verify,
+            caFile=delivery.ca_file,
+            username=delivery.username,
+            password=password,
+            forwardAuthIdentity=delivery.forward_auth_identity,
+            maxConnections=delivery.max_per_destination,
+            connectTimeout=delivery.connect_timeout,
+            timeout=delivery.timeout,
+        )
+    raise ValueError(f"delivery mode {delivery.mode!r} is not available")
 
 
 class SessionDrain(Service):

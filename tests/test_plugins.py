@@ -14,7 +14,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -298,14 +298,14 @@ class MakeRelayServiceTests(SynchronousTestCase):
         self.assertIs(starttls.clock, reactor)
         self.assertEqual(starttls.settings.hostname, "relay.example.org")
 
-    def test_plainMemoryReactor(self) -> None:
+    def test_noThreadPoolAtStart(self) -> None:
         """
-        Building and starting need nothing of the reactor beyond listening:
-        the thread pool is only asked for when the spool or Maildir first
-        does blocking work, so a plain L{MemoryReactor} (no clock, no
-        thread pool) will do.
+        Building and starting need nothing of the reactor beyond listening,
+        a clock and start/stop hooks: threads are only used when the spool
+        or the Maildir first does blocking work, so a L{MemoryReactorClock}
+        (no thread pool at all) will do.
         """
-        top, reactor, _ = self.makeService(reactor=MemoryReactor())
+        top, reactor, _ = self.makeService(reactor=MemoryReactorClock())
         top.startService()
         self.addCleanup(top.stopService)
         self.assertEqual(len(reactor.tcpServers), 2)

@@ -5,14 +5,20 @@ recording delivery agent and a clock.
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smtpauth_relay.envelope import DeliveryReport, Envelope
-from smtpauth_relay.interfaces import IDeliveryAgent
+from smtpauth_relay.errors import QueueBusy
+from smtpauth_relay.interfaces import IDeliveryAgent, IQueueControl
 from smtpauth_relay.retry import QueueRunner
-from smtpauth_relay.testing import MemorySpool, RecordingDeliveryAgent
+from smtpauth_relay.spool import Spool
+from smtpauth_relay.testing import MemorySpool, RecordingDeliveryAgent, runNow
 
 
 def queue(spool: MemorySpool, *recipients: str) -> str:
@@ -136,19 +142,6 @@ class QueueRunnerTests(SynchronousTestCase):
         )
         self.assertEqual(self.spool.load(queueId).recipients, ("Bob@Example.COM",))
 
-    def test_permanentFailureKept(self) -> None:
-        """
-        A recipient reported as permanently failed is not dropped: it stays
-        in the spool and an error is logged.
-        """
-        self.runner.startService()
-        queueId = queue(self.spool)
-        self.clock.advance(0)
-        self.agent.calls[0][2].callback(
-            DeliveryReport(failed={"bob@example.net": "550 5.1.1 no such user"})
-        )
-        self.assertEqual(self.spool.load(queueId).recipients, ("bob@example.net",))
-
     def test_noDuplicateAttempts(self) -> None:
         """
         A message under delivery is not handed to the agent a second time.
@@ -198,3 +191,215 @@ class QueueRunnerTests(SynchronousTestCase):
         del self.spool.messages[queueId]
         self.clock.advance(0)
         self.assertEqual(self.agent.calls, [])
+
+
+class DiskQueueTestCase(SynchronousTestCase):
+    """
+    The runner over a real spool (bounces read the original message).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.spool = Spool(self.mktemp(), runNow, self.clock)
+        self.spool.prepare()
+        self.agent = RecordingDeliveryAgent()
+        self.runner = QueueRunner(
+            self.spool,
+            self.agent,
+            self.clock,
+            retrySchedule=(60, 300),
+            maxLifetime=3600,
+            hostname="relay.example.org",
+        )
+        self.runner.startService()
+
+    def queue(self, *recipients: str, sender: str = "alice@example.org") -> str:
+        writer = self.spool.newMessage()
+        writer.write(b"Subject: quarterly report\n\nhello\n")
+        envelope = Envelope(
+            queueId=writer.queueId,
+            sender=sender,
+            recipients=recipients or ("bob@example.net",),
+            receivedAt=self.clock.seconds(),
+        )
+        return self.successResultOf(writer.commit(envelope))
+
+    def bounces(self) -> list[tuple[Envelope, email.message.EmailMessage]]:
+        result = []
+        for queueId in self.spool.queued():
+            envelope = self.spool.load(queueId)
+            if envelope.sender == "":
+                with open(self.spool.messagePath(queueId), "rb") as f:
+                    message = email.message_from_bytes(
+                        f.read(), policy=email.policy.default
+                    )
+                result.append((envelope, message))
+        return result  # type: ignore[return-value]
+
+    def answer(self, index: int, report: DeliveryReport) -> None:
+        self.clock.advance(0)
+        self.agent.calls[index][2].callback(report)
+
+
+class BounceTests(DiskQueueTestCase):
+    def test_permanentFailureBounced(self) -> None:
+        """
+        A recipient refused permanently gets a DSN to the sender, sent with
+        a null sender; the delivered recipient does not, and the message
+        leaves the queue.
+        """
+        queueId = self.queue("ok@example.net", "gone@example.net")
+        self.answer(
+            0,
+            DeliveryReport(
+                delivered=("ok@example.net",),
+                failed={"gone@example.net": "550 5.1.1 No such user"},
+                host="mx.example.net",
+            ),
+        )
+        self.assertNotIn(queueId, self.spool.queued())
+        ((envelope, message),) = self.bounces()
+        self.assertEqual(envelope.recipients, ("alice@example.org",))
+        self.assertEqual(envelope.auth, "<>")
+        self.assertEqual(message.get_content_type(), "multipart/report")
+        status = message.get_payload()[1].as_string()
+        self.assertIn("Final-Recipient: rfc822; gone@example.net", status)
+        self.assertIn("Status: 5.1.1", status)
+        self.assertIn("Remote-MTA: dns; mx.example.net", status)
+        self.assertNotIn("ok@example.net", status)
+        self.assertIn("Subject: quarterly report", message.get_payload()[2].as_string())
+
+    def test_bounceDelivered(self) -> None:
+        """
+        The bounce is queued like any message and handed to the agent.
+        """
+        self.queue("gone@example.net")
+        self.answer(0, DeliveryReport(failed={"gone@example.net": "550 5.1.1 No"}))
+        self.clock.advance(0)
+        self.assertEqual(self.agent.calls[1][0].sender, "")
+        self.assertEqual(self.agent.calls[1][0].recipients, ("alice@example.org",))
+
+    def test_noBounceForNullSender(self) -> None:
+        """
+        A failed bounce is dropped, never bounced (no loops).
+        """
+        queueId = self.queue("alice@example.org", sender="")
+        self.answer(0, DeliveryReport(failed={"alice@example.org": "550 5.1.1 No"}))
+        self.assertEqual(self.spool.queued(), [])
+        self.assertNotIn(queueId, self.spool.queued())
+
+    def test_expiry(self) -> None:
+        """
+        A message still deferred after max_lifetime is bounced as expired
+        (Status 4.4.7 unless the last reply says better) and leaves the
+        queue.
+        """
+        queueId = self.queue("slow@example.net")
+        self.answer(
+            0, DeliveryReport(deferred={"slow@example.net": "connection refused"})
+        )
+        self.assertIn(queueId, self.spool.queued())
+        self.clock.advance(3600)
+        self.agent.calls[1][2].callback(
+            DeliveryReport(deferred={"slow@example.net": "connection refused"})
+        )
+        self.assertNotIn(queueId, self.spool.queued())
+        ((_, message),) = self.bounces()
+        status = message.get_payload()[1].as_string()
+        self.assertIn("Action: failed", status)
+        self.assertIn("Status: 4.4.7", status)
+
+    def test_delayWarning(self) -> None:
+        """
+        With delay_warning set, the sender is told once that the message is
+        still being retried; the message stays queued.
+        """
+        self.runner.delayWarning = 60
+        queueId = self.queue("slow@example.net")
+        self.answer(0, DeliveryReport(deferred={"slow@example.net": "451 4.4.1 later"}))
+        self.assertEqual(self.bounces(), [])
+        self.clock.advance(60)
+        self.agent.calls[1][2].callback(
+            DeliveryReport(deferred={"slow@example.net": "451 4.4.1 later"})
+        )
+        ((_, warning),) = self.bounces()
+        self.assertIn("Action: delayed", warning.get_payload()[1].as_string())
+        self.assertTrue(self.spool.load(queueId).delayWarned)
+        self.clock.advance(300)
+        calls = len(self.agent.calls)
+        self.agent.calls[calls - 1][2].callback(
+            DeliveryReport(deferred={"slow@example.net": "451 4.4.1 later"})
+        )
+        self.assertEqual(len(self.bounces()), 1)
+
+
+class ScheduleTests(DiskQueueTestCase):
+    def test_nextAttemptPersisted(self) -> None:
+        """
+        The time of the next attempt is saved in the envelope, and a
+        restarted runner waits for it instead of retrying at once.
+        """
+        queueId = self.queue()
+        self.answer(0, DeliveryReport(deferred={"bob@example.net": "451 later"}))
+        self.assertEqual(
+            self.spool.load(queueId).nextAttempt, self.clock.seconds() + 60
+        )
+        self.successResultOf(self.runner.stopService())
+        runner = QueueRunner(self.spool, self.agent, self.clock, retrySchedule=(60,))
+        self.clock.advance(30)
+        runner.startService()
+        self.clock.advance(29)
+        self.assertEqual(len(self.agent.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.agent.calls), 2)
+
+
+class ControlTests(DiskQueueTestCase):
+    def test_interface(self) -> None:
+        """
+        The runner is the relay's L{IQueueControl}.
+        """
+        self.assertTrue(verifyObject(IQueueControl, self.runner))
+
+    def test_flush(self) -> None:
+        """
+        Flush attempts every waiting message now.
+        """
+        self.queue()
+        self.answer(0, DeliveryReport(deferred={"bob@example.net": "451 later"}))
+        self.assertEqual(self.runner.flush(), 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.agent.calls), 2)
+
+    def test_delete(self) -> None:
+        """
+        Delete removes a waiting message without a bounce; an unknown id
+        fails with L{KeyError}; a message under delivery with
+        L{QueueBusy}.
+        """
+        first = self.queue()
+        self.answer(0, DeliveryReport(deferred={"bob@example.net": "451 later"}))
+        busy = self.queue()
+        self.clock.advance(0)
+        self.failureResultOf(self.runner.delete(busy), QueueBusy)
+        self.successResultOf(self.runner.delete(first))
+        self.assertEqual(self.spool.queued(), [busy])
+        self.failureResultOf(self.runner.delete(first), KeyError)
+        self.assertEqual(self.bounces(), [])
+
+    def test_bounce(self) -> None:
+        """
+        Bounce gives up on a message: its sender gets a DSN naming the last
+        error, and it leaves the queue.
+        """
+        queueId = self.queue()
+        self.answer(
+            0, DeliveryReport(deferred={"bob@example.net": "451 4.7.1 greylisted"})
+        )
+        self.successResultOf(self.runner.bounce(queueId))
+        self.assertNotIn(queueId, self.spool.queued())
+        ((_, message),) = self.bounces()
+        status = message.get_payload()[1].as_string()
+        self.assertIn("Final-Recipient: rfc822; bob@example.net", status)
+        self.assertIn("greylisted", message.get_payload()[0].get_content())
