@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from smtpauth_relay.auth import makePortal
 from smtpauth_relay.config import Config, readPasswordFile
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
+from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.policy import RelayPolicy
@@ -155,6 +156,7 @@ def makeRelayService(
         hostname=config.server.hostname,
     )
     runner.setServiceParent(top)
+    AgentCloser(agent, runner).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
 
@@ -194,7 +196,40 @@ def makeDeliveryAgent(
             connectTimeout=delivery.connect_timeout,
             timeout=delivery.timeout,
         )
+    if delivery.mode == "mx":
+        return MXDelivery(
+            reactor,
+            makeResolver(reactor, delivery.nameservers),
+            config.server.hostname,
+            port=delivery.port,
+            maxPerDestination=delivery.max_per_destination,
+            connectTimeout=delivery.connect_timeout,
+            timeout=delivery.timeout,
+        )
     raise ValueError(f"delivery mode {delivery.mode!r} is not available")
+
+
+class AgentCloser(Service):
+    """
+    At shutdown, once the queue runner's deliveries are over, closes the
+    delivery agent's upstream connections (QUIT rather than a dropped
+    connection).
+    """
+
+    def __init__(self, agent: IDeliveryAgent, runner: QueueRunner) -> None:
+        self.agent = agent
+        self.runner = runner
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+
+        async def close() -> None:
+            await self.runner.stopService()
+            closing = getattr(self.agent, "close", None)
+            if closing is not None:
+                await closing()
+
+        return Deferred.fromCoroutine(close())
 
 
 class SessionDrain(Service):

@@ -256,6 +256,21 @@ class ReuseTests(PoolTestCase):
         self.assertEqual(self.script.commands[-1], b"QUIT")
         self.assertEqual(pool.clients, set())
 
+    def test_close(self) -> None:
+        """
+        Closing the pool (at shutdown) makes a lingering connection QUIT at
+        once, and fires when no connection is left.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.successResultOf(d)
+        closed = pool.close()
+        self.connector.flush()
+        self.successResultOf(closed)
+        self.assertEqual(self.script.commands[-1], b"QUIT")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_lingeringConnectionReused(self) -> None:
         """
         A message arriving while a connection lingers is sent over it,

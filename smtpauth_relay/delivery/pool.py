@@ -65,6 +65,7 @@ class ConnectionPool(OutboundQueue):
         self.connecting = 0
         self.connectionsMade = 0
         self._idle: dict[RelayClient, Any] = {}
+        self._closed: list[Deferred[None]] = []
 
     def send(self, outbound: Outbound) -> Deferred[DeliveryReport]:
         """
@@ -151,11 +152,32 @@ class ConnectionPool(OutboundQueue):
         self._idle.pop(client, None)
         client.quitIfIdle()
 
+    def close(self) -> Deferred[None]:
+        """
+        At shutdown: idle connections QUIT now, busy ones after their
+        message; fires when none is left.
+        """
+        self.linger = 0
+        for client, call in list(self._idle.items()):
+            if call.active():
+                call.cancel()
+            self._quit(client)
+        d: Deferred[None] = Deferred()
+        if not self.clients:
+            d.callback(None)
+        else:
+            self._closed.append(d)
+        return d
+
     def clientGone(self, client: RelayClient, reason: Failure) -> None:
         self.clients.discard(client)
         call = self._idle.pop(client, None)
         if call is not None and call.active():
             call.cancel()
+        if not self.clients and self._closed:
+            closed, self._closed = self._closed, []
+            for d in closed:
+                d.callback(None)
         if not self.waiting:
             return
         if client.sent > 0:

@@ -100,6 +100,12 @@ class SmarthostDelivery:
             deadline=timeout,
         )
 
+    def close(self) -> Deferred[None]:
+        """
+        Close the connections to the smarthost (at shutdown).
+        """
+        return self.pool.close()
+
     def deliver(self, envelope: Envelope, messagePath: str) -> Deferred[DeliveryReport]:
         return self.pool.send(
             Outbound(envelope, messagePath, forwardIdentity=self.forwardAuthIdentity)
