@@ -1,5 +1,6 @@
 """
-The C{smtpauth-relay} console command: C{check-config}, C{passwd}, C{demo}.
+The C{smtpauth-relay} console command: C{check-config}, C{passwd}, C{queue},
+C{demo}.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ usage: smtpauth-relay COMMAND [ARGS]
 commands:
   check-config PATH     validate a configuration file (exit 0 if valid)
   passwd FILE USER      add or replace USER in a password file (bcrypt)
+  queue --config PATH list|show ID|flush|delete ID|bounce ID
+                        see and steer the delivery queue
   demo [DIRECTORY]      run a demo relay on 127.0.0.1:2587/2465 (files in ./var)
 
 The relay itself runs under twistd:
@@ -33,6 +36,12 @@ def _passwd(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     return passwdCommand(argv, sys.stdin, stdout, stderr)
 
 
+def _queue(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.queueadmin import queueCommand
+
+    return queueCommand(argv, stdout, stderr)
+
+
 def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     from smtpauth_relay.demo import demoCommand
 
@@ -42,6 +51,7 @@ def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
 COMMANDS: dict[str, Callable[[list[str], TextIO, TextIO], int]] = {
     "check-config": _checkConfig,
     "passwd": _passwd,
+    "queue": _queue,
     "demo": _demo,
 }
 

@@ -9,6 +9,7 @@ tests talk to it with blocking sockets.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.trial.unittest import FailTest
 
@@ -127,10 +128,16 @@ class RelayProcess:
 
     @ivar server: extra C{[server]} keys.
     @ivar tls: extra C{[tls]} keys.
+    @ivar queue: extra C{[queue]} keys (besides C{directory}).
+    @ivar delivery: the C{[delivery]} keys; without a C{mode} the relay
+        delivers into its own Maildir (L{maildir}), with one (say
+        C{"smarthost"}) exactly these keys are written.
     """
 
     server: dict[str, object] = field(default_factory=dict)
     tls: dict[str, object] = field(default_factory=dict)
+    queue: dict[str, object] = field(default_factory=dict)
+    delivery: dict[str, object] = field(default_factory=dict)
     directory: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -179,11 +186,15 @@ class RelayProcess:
             "",
             "[queue]",
             f"directory = {toml(self.queueDirectory)}",
-            "",
-            "[delivery]",
-            'mode = "maildir"',
-            f"directory = {toml(self.maildir)}",
         ]
+        lines += [f"{k} = {toml(v)}" for k, v in self.queue.items()]
+        delivery = (
+            self.delivery
+            if "mode" in self.delivery
+            else {"mode": "maildir", "directory": self.maildir, **self.delivery}
+        )
+        lines += ["", "[delivery]"]
+        lines += [f"{k} = {toml(v)}" for k, v in delivery.items()]
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -358,14 +369,35 @@ class RelayProcess:
             ),
         )
 
-    def waitForEmptySpool(self) -> None:
+    def envelopes(self) -> dict[str, dict[str, Any]]:
         """
-        Wait until nothing is left in the spool (written, queued or being
-        thrown away).
+        The JSON envelopes in C{queued/}, by queue id (envelopes are
+        replaced by rename, so each one read is whole).
+        """
+        queued = os.path.join(self.queueDirectory, "queued")
+        result = {}
+        try:
+            names = os.listdir(queued)
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            if not name.endswith(".env"):
+                continue
+            try:
+                with open(os.path.join(queued, name), "rb") as f:
+                    result[name[: -len(".env")]] = json.load(f)
+            except FileNotFoundError:
+                pass
+        return result
+
+    def waitForEmptySpool(self, timeout: float = DELIVERY_TIMEOUT) -> None:
+        """
+        Wait (up to C{timeout} seconds) until nothing is left in the spool
+        (written, queued or being thrown away).
         """
         poll(
             lambda: not self.spoolFiles(),
-            DELIVERY_TIMEOUT,
+            timeout,
             lambda: f"an empty spool, still: {self.spoolFiles()}\n{self.log()}",
         )
 

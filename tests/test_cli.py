@@ -73,9 +73,11 @@ class MainTests(SynchronousTestCase):
 
     def test_commands(self) -> None:
         """
-        Exactly the three documented commands are dispatched.
+        Exactly the documented commands are dispatched.
         """
-        self.assertEqual(sorted(cli.COMMANDS), ["check-config", "demo", "passwd"])
+        self.assertEqual(
+            sorted(cli.COMMANDS), ["check-config", "demo", "passwd", "queue"]
+        )
 
 
 class CheckConfigDispatchTests(SynchronousTestCase):
