@@ -24,6 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smtpauth_relay.auth import makePortal
 from smtpauth_relay.config import Config, readPasswordFile
+from smtpauth_relay.control import makeControlService
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
@@ -157,6 +158,9 @@ def makeRelayService(
     )
     runner.setServiceParent(top)
     AgentCloser(agent, runner).setServiceParent(top)
+    # After prepare(): the spool lock is what makes removing a stale control
+    # socket safe.
+    makeControlService(config.queue.directory, runner, reactor).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
 
