@@ -5,6 +5,7 @@ scripted upstream in memory.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from twisted.internet.error import ConnectionRefusedError
@@ -325,7 +326,8 @@ class FailureTests(PoolTestCase):
         pool = self.pool()
         d = self.send(pool, envelope())
         failure = self.failureResultOf(d, UpstreamError)
-        self.assertIn("upstream", str(failure.value))
+        self.assertEqual(failure.value.host, "upstream")
+        self.assertIn("refused", str(failure.value))
 
     def test_deadline(self) -> None:
         """
@@ -342,6 +344,28 @@ class FailureTests(PoolTestCase):
         self.assertTrue(self.connector.pumps[0].clientIO.disconnecting)
         self.clock.advance(300)
         self.failureResultOf(d, UpstreamError)
+
+    def test_deadlineDropsStuckConnections(self) -> None:
+        """
+        An upstream that accepts connections but never greets does not keep
+        the pool full: when a waiting message's deadline passes, the
+        connections that never got anywhere are aborted, so the next attempt
+        connects afresh.
+        """
+        self.script.silent = True
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.assertEqual(len(pool.clients), 1)
+        self.clock.advance(600)
+        self.failureResultOf(d, UpstreamError)
+        self.connector.flush()
+        self.assertEqual(pool.clients, set())
+        self.assertEqual(pool.waiting, deque())
+        self.script.silent = False
+        again = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.successResultOf(again)
 
     def test_deadlineDuringTransfer(self) -> None:
         """

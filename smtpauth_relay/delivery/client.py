@@ -55,7 +55,13 @@ class UpstreamError(Exception):
     The upstream could not take the message, for a reason that is not a
     reply to one of its recipients (refused connection, TLS or AUTH failure,
     dropped connection, timeout).  Always temporary: retried later.
+
+    @ivar host: the upstream it happened with (for the attempt record).
     """
+
+    def __init__(self, reason: str, host: str = "") -> None:
+        super().__init__(reason)
+        self.host = host
 
 
 @dataclass
@@ -286,7 +292,13 @@ class RelayClient(smtp.ESMTPClient):
         try:
             size = os.stat(outbound.messagePath).st_size
         except OSError as e:
-            self._finish(Failure(UpstreamError(f"cannot read spooled message: {e}")))
+            self._finish(
+                Failure(
+                    UpstreamError(
+                        f"cannot read spooled message: {e}", self.settings.host
+                    )
+                )
+            )
             self.smtpState_from(-1, b"")
             return
         params = mailFromParameters(outbound, self.extensions, size)
@@ -378,7 +390,7 @@ class RelayClient(smtp.ESMTPClient):
         code = getattr(exc, "code", -1)
         reason = _replyText(code, text) if code and code > 0 else text
         self.lastError = Failure(
-            UpstreamError(f"{self.settings.host}: {type(exc).__name__}: {reason}")
+            UpstreamError(f"{type(exc).__name__}: {reason}", self.settings.host)
         )
         self._finish(self.lastError)
         if isinstance(exc, smtp.SMTPClientError) and not exc.isFatal:
@@ -392,8 +404,8 @@ class RelayClient(smtp.ESMTPClient):
             self._finish(
                 Failure(
                     UpstreamError(
-                        f"{self.settings.host}: connection lost: "
-                        f"{reason.getErrorMessage()}"
+                        f"connection lost: {reason.getErrorMessage()}",
+                        self.settings.host,
                     )
                 )
             )
@@ -408,7 +420,9 @@ class RelayClient(smtp.ESMTPClient):
         return self.clock.callLater(period, func)
 
     def timeoutConnection(self) -> None:
-        self.sendError(UpstreamError(f"no reply within {self.timeout}s"))
+        self.sendError(
+            UpstreamError(f"no reply within {self.timeout}s", self.settings.host)
+        )
 
 
 class RelayClientFactory(protocol.ClientFactory):

@@ -664,8 +664,9 @@ class MXDelivery:
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    text = " ".join((str(error) or type(error).__name__).split())
+    host = getattr(error, "host", "")
+    return f"{host}: {text}" if host and not text.startswith(host) else text
 
 
 def _reportAll(

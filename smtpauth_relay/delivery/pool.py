@@ -78,10 +78,31 @@ class ConnectionPool(OutboundQueue):
 
     def _timedOut(self, outbound: Outbound) -> Any:
         def onTimeout(result: object, timeout: float) -> Failure:
+            taken = False
             for client in list(self.clients):
                 if client.current is outbound:
+                    taken = True
                     client.transport.abortConnection()
-            return Failure(UpstreamError(f"no result within {timeout:.0f}s"))
+            if not taken:
+                # Still waiting: the connections that have not sent anything
+                # yet (an upstream that accepts but never greets) are stuck;
+                # drop them, so the next attempt opens fresh ones.
+                try:
+                    self.waiting.remove(outbound)
+                except ValueError:
+                    pass
+                for client in list(self.clients):
+                    if (
+                        client.current is None
+                        and client.sent == 0
+                        and client not in self._idle
+                    ):
+                        client.transport.abortConnection()
+            return Failure(
+                UpstreamError(
+                    f"no result within {timeout:.0f}s", self.factory.settings.host
+                )
+            )
 
         return onTimeout
 
@@ -122,8 +143,10 @@ class ConnectionPool(OutboundQueue):
         d.addCallbacks(connected, failed)
 
     def _failWaiting(self, reason: Failure) -> None:
-        error = UpstreamError(
-            f"{self.factory.settings.host}: {reason.getErrorMessage()}"
+        error = (
+            reason.value
+            if isinstance(reason.value, UpstreamError)
+            else UpstreamError(reason.getErrorMessage(), self.factory.settings.host)
         )
         waiting, self.waiting = self.waiting, deque()
         for outbound in waiting:
