@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import smtplib
+import subprocess
 import sys
 import uuid
 from collections import Counter
@@ -34,6 +35,7 @@ from tests.e2e_support import (
     HOSTNAME,
     IO_TIMEOUT,
     PASSWORD,
+    REPO_ROOT,
     USER,
     RelayProcess,
     clientContext,
@@ -126,10 +128,9 @@ def deliveryStatus(
     return messages[0], messages[1:]
 
 
-class SmarthostDeliveryTests(SynchronousTestCase):
+class DeliveryHarness(SynchronousTestCase):
     """
-    Messages submitted to the relay reach the smarthost, and what does not
-    get there is kept, retried, bounced or expired as the README says.
+    A real relay in smarthost mode and a real aiosmtpd upstream.
     """
 
     if skipReason is not None:
@@ -435,6 +436,13 @@ class SmarthostDeliveryTests(SynchronousTestCase):
         sys.stderr.write(f"\n[{self.id()}] measured {name}: {value}\n")
 
     # -- delivery over each TLS mode ------------------------------------------
+
+
+class SmarthostDeliveryTests(DeliveryHarness):
+    """
+    Messages submitted to the relay reach the smarthost, and what does not
+    get there is kept, retried, bounced or expired as the README says.
+    """
 
     def test_starttlsVerifiedWithAuth(self) -> None:
         """
@@ -1071,3 +1079,86 @@ class SmarthostDeliveryTests(SynchronousTestCase):
             f"{len(before)} taken before the kill)",
             duplicates,
         )
+
+
+class QueueAdminTests(DeliveryHarness):
+    """
+    C{smtpauth-relay queue} against the running relay, as an admin uses it.
+    """
+
+    def queueCommand(self, relay: RelayProcess, *args: str) -> tuple[int, str]:
+        """
+        Run C{smtpauth-relay queue -c CONFIG ARGS} as a separate process.
+        """
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "smtpauth_relay.cli",
+                "queue",
+                "-c",
+                relay.configPath,
+            ]
+            + list(args),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    def test_listShowFlushBounceDelete(self) -> None:
+        """
+        With the smarthost down, queued messages are listed (id, sender,
+        last error) and shown; flush makes the relay try again at once;
+        bounce sends the sender a DSN (through the smarthost once it is back)
+        and empties the message from the queue; delete removes one silently.
+        """
+        upstream = self.makeUpstream("starttls")
+        relay = self.startRelay(upstream, queue={"retry_schedule": [3600]})
+        sender, recipients = self.addresses("ok")
+        client = self.session(relay)
+        first = self.submit(client, self.message("admin-1"), sender, recipients)
+        second = self.submit(client, self.message("admin-2"), sender, recipients)
+        self.waitForAttempts(relay, first, 1)
+        self.waitForAttempts(relay, second, 1)
+
+        code, listing = self.queueCommand(relay, "list")
+        self.assertEqual(code, 0, listing)
+        self.assertIn(first, listing)
+        self.assertIn(second, listing)
+        self.assertIn(recipients[0], listing)
+        self.assertIn("2 messages", listing)
+
+        code, shown = self.queueCommand(relay, "show", first)
+        self.assertEqual(code, 0, shown)
+        self.assertIn(recipients[0], shown)
+        self.assertIn("Subject: admin-1", shown)
+
+        code, flushed = self.queueCommand(relay, "flush")
+        self.assertEqual((code, flushed.strip()), (0, "OK 2 scheduled"))
+        self.waitForAttempts(relay, first, 2)
+
+        code, deleted = self.queueCommand(relay, "delete", second)
+        self.assertEqual((code, deleted.strip()), (0, f"OK deleted {second}"))
+
+        upstream.start()
+        code, bounced = self.queueCommand(relay, "bounce", first)
+        self.assertEqual((code, bounced.strip()), (0, f"OK bounced {first}"))
+        relay.waitForEmptySpool()
+        (dsn,) = poll(
+            lambda: self.bounces(upstream, sender),
+            WAIT,
+            lambda: f"a bounce to {sender}:\n{relay.log()}",
+        )
+        self.assertIn(b"delivery abandoned by the administrator", dsn.content)
+        self.assertFalse(
+            any(b"admin-" in t.content for t in upstream.transactions() if t.sender)
+        )
+
+        code, unknown = self.queueCommand(relay, "delete", first)
+        self.assertEqual(code, 1, unknown)
