@@ -131,6 +131,36 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class LockoutConfig:
+    """
+    C{[auth.lockout]}: brute-force protection.
+
+    @ivar max_failures: failed AUTHs allowed per client address, and per
+        user from one subnet (/24, /64), within C{window}.
+    @ivar subnet_max_failures: failed AUTHs allowed from one subnet within
+        C{window}; by default (or 0) ten times C{max_failures}.
+    @ivar window: seconds over which failures are counted (sliding).
+    @ivar duration: seconds of the first lockout; each repeat doubles it.
+    @ivar max_duration: the longest lockout.
+    @ivar trusted_after_success: days an address a user logged in from stays
+        exempt from that user's (and its subnet's) lockout; 0 is off.
+    @ivar tarpit: longest delay, in seconds, before a failed AUTH is
+        answered (it grows with the address's failures).
+    @ivar session_max_failures: failed AUTHs in one session before it is
+        closed with 421 4.7.0.
+    """
+
+    max_failures: int = 5
+    subnet_max_failures: int = 50
+    window: float = 600.0
+    duration: float = 900.0
+    max_duration: float = 86400.0
+    trusted_after_success: float = 30.0
+    tarpit: float = 5.0
+    session_max_failures: int = 3
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """
     C{[auth]}: how submitters authenticate.
@@ -145,6 +175,7 @@ class AuthConfig:
     checkers: tuple[str, ...] = ()
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     require_tls: bool = True
+    lockout: LockoutConfig = field(default_factory=LockoutConfig)
 
 
 @dataclass(frozen=True)
@@ -258,7 +289,17 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "tls": ("certificate", "private_key", "minimum_version"),
     "listener": ("endpoint", "tls"),
-    "auth": ("checkers", "mechanisms", "require_tls"),
+    "auth": ("checkers", "mechanisms", "require_tls", "lockout"),
+    "auth.lockout": (
+        "max_failures",
+        "subnet_max_failures",
+        "window",
+        "duration",
+        "max_duration",
+        "trusted_after_success",
+        "tarpit",
+        "session_max_failures",
+    ),
     "relay": ("trusted_networks", "trusted_relays"),
     "queue": (
         "directory",
@@ -1088,6 +1129,7 @@ class _Validator:
         self.checkers(authTable)
         self.mechanisms(authTable)
         authTable.boolean("require_tls")
+        authTable.values["lockout"] = self.lockout(authTable)
         auth = AuthConfig(**authTable.values)
 
         relayTable = self.table(data, "relay")
@@ -1286,6 +1328,35 @@ class _Validator:
                 table.report("mechanisms", "at least one mechanism is required")
             else:
                 table.values["mechanisms"] = tuple(mechanisms)
+
+    def lockout(self, authTable: _Table) -> LockoutConfig:
+        """
+        Read C{[auth.lockout]}.
+        """
+        value = authTable.data.get("lockout", {})
+        if not isinstance(value, dict):
+            authTable.report("lockout", "must be a table: write [auth.lockout]")
+            value = {}
+        table = _Table(
+            self, "[auth.lockout]", ("auth", "lockout"), value, "auth.lockout"
+        )
+        table.integer("max_failures")
+        table.integer("subnet_max_failures", minimum=0)
+        table.integer("session_max_failures")
+        for key in ("window", "duration", "max_duration"):
+            table.duration(key)
+        table.duration("trusted_after_success", allowZero=True)
+        table.duration("tarpit", allowZero=True)
+        values = dict(table.values)
+        if not values.get("subnet_max_failures"):
+            values["subnet_max_failures"] = 10 * values.get(
+                "max_failures", LockoutConfig.max_failures
+            )
+        duration = values.get("duration", LockoutConfig.duration)
+        if values.get("max_duration", LockoutConfig.max_duration) < duration:
+            table.report("max_duration", "must not be less than duration")
+            values.pop("max_duration", None)
+        return LockoutConfig(**values)
 
     def queue(self, table: _Table) -> None:
         """

@@ -594,11 +594,14 @@ class LineNumberTests(ConfigTestCase):
         text = (
             "[auth]\n"  # 1
             "require_tls = false\n"  # 2
-            "lockout.max_failures = 5\n"  # 3
+            "lockout.max_failures = 0\n"  # 3
         )
         self.assertEqual(
             self.problemsOf(complete(text)),
-            ["relay.toml:3: [auth] lockout: unknown key"],
+            [
+                "relay.toml:3: [auth.lockout] max_failures: must be a positive "
+                "integer, got 0"
+            ],
         )
 
     def test_inlineTables(self) -> None:
@@ -817,17 +820,52 @@ class StructureTests(ConfigTestCase):
     def test_unknownSubTable(self) -> None:
         """
         A sub-table of a known section is an unknown key, reported at its
-        header.
+        header; C{[auth.lockout]} is known, and its keys are checked.
         """
         text = (
-            "[auth]\n"  # 1
-            "require_tls = false\n"  # 2
-            "[auth.lockout]\n"  # 3
-            "max_failures = 5\n"  # 4
+            "[relay]\n"  # 1
+            "[relay.extra]\n"  # 2
+            "x = 5\n"  # 3
+            "[auth]\n"  # 4
+            "require_tls = false\n"  # 5
+            "[auth.lockout]\n"  # 6
+            "max_failures = 5\n"  # 7
+            "maxfailures = 5\n"  # 8
         )
         self.assertEqual(
             self.problemsOf(complete(text)),
-            ["relay.toml:3: [auth] lockout: unknown key"],
+            [
+                "relay.toml:2: [relay] extra: unknown key",
+                'relay.toml:8: [auth.lockout] maxfailures: unknown key; did you mean '
+                '"max_failures"?',
+            ],
+        )
+
+    def test_lockout(self) -> None:
+        """
+        C{[auth.lockout]} loads, with the subnet limit defaulting to ten
+        times max_failures, and max_duration not below duration.
+        """
+        config = parseConfig(
+            complete(
+                "[auth]\nrequire_tls = false\n[auth.lockout]\nmax_failures = 3\n"
+                "window = 60\nduration = 120\ntrusted_after_success = 0\n"
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.auth.lockout.subnet_max_failures, 30)
+        self.assertEqual(config.auth.lockout.trusted_after_success, 0.0)
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    "[auth]\nrequire_tls = false\n[auth.lockout]\nduration = 100\n"
+                    "max_duration = 50\n"
+                )
+            ),
+            [
+                "relay.toml:5: [auth.lockout] max_duration: must not be less than "
+                "duration"
+            ],
         )
 
 
