@@ -17,6 +17,8 @@ commands:
   passwd FILE USER      add or replace USER in a password file (bcrypt)
   queue --config PATH list|show ID|flush|delete ID|bounce ID
                         see and steer the delivery queue
+  lockout --config PATH list|clear TARGET
+                        see or end brute-force lockouts of the running relay
   demo [DIRECTORY]      run a demo relay on 127.0.0.1:2587/2465 (files in ./var)
 
 The relay itself runs under twistd:
@@ -42,6 +44,12 @@ def _queue(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     return queueCommand(argv, stdout, stderr)
 
 
+def _lockout(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.lockoutadmin import lockoutCommand
+
+    return lockoutCommand(argv, stdout, stderr)
+
+
 def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     from smtpauth_relay.demo import demoCommand
 
@@ -52,6 +60,7 @@ COMMANDS: dict[str, Callable[[list[str], TextIO, TextIO], int]] = {
     "check-config": _checkConfig,
     "passwd": _passwd,
     "queue": _queue,
+    "lockout": _lockout,
     "demo": _demo,
 }
 

@@ -10,6 +10,8 @@ carries one request line and gets one reply line, then the relay closes it::
     FLUSH         ->  OK 12 scheduled
     DELETE ID     ->  OK deleted ID
     BOUNCE ID     ->  OK bounced ID
+    LOCKOUTS      ->  OK [{"key": "ip:192.0.2.7", "until": 1800000900.0}, ...]
+    UNLOCK TARGET ->  OK unlocked 2   (an address, subnet or user name)
 
 Errors::
 
@@ -26,6 +28,7 @@ L{smtpauth_relay.interfaces.IQueueControl} (the queue runner).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -42,6 +45,7 @@ from twisted.python.failure import Failure
 
 from smtpauth_relay.errors import QueueBusy
 from smtpauth_relay.interfaces import IQueueControl
+from smtpauth_relay.lockout import Lockout
 
 __all__ = [
     "CONTROL_SOCKET",
@@ -65,6 +69,7 @@ MAX_REQUEST_LENGTH = 200
 """The longest request line accepted, in octets, without its line end."""
 
 _QUEUE_ID = re.compile(r"[0-9A-F]{10,40}")
+_TARGET = re.compile(r"[\x21-\x7e]{1,128}")
 
 BAD_REQUEST = "ERR bad request"
 INTERNAL_ERROR = "ERR internal error"
@@ -82,19 +87,22 @@ def parseRequest(line: bytes) -> tuple[str, str | None]:
     """
     Parse one request line (without its line end).
 
-    @return: the command (C{"FLUSH"}, C{"DELETE"} or C{"BOUNCE"}) and the
-        queue id it names (C{None} for C{FLUSH}).
+    @return: the command (C{"FLUSH"}, C{"DELETE"}, C{"BOUNCE"},
+        C{"LOCKOUTS"} or C{"UNLOCK"}) and its argument (a queue id, an
+        unlock target, or C{None}).
     @raise ValueError: if C{line} is not a valid request.
     """
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
         raise ValueError("not ASCII") from None
-    if text == "FLUSH":
-        return "FLUSH", None
-    command, space, queueId = text.partition(" ")
-    if command in ("DELETE", "BOUNCE") and space and isQueueId(queueId):
-        return command, queueId
+    if text in ("FLUSH", "LOCKOUTS"):
+        return text, None
+    command, space, argument = text.partition(" ")
+    if command in ("DELETE", "BOUNCE") and space and isQueueId(argument):
+        return command, argument
+    if command == "UNLOCK" and space and _TARGET.fullmatch(argument):
+        return command, argument
     raise ValueError(f"bad request {text!r}")
 
 
@@ -203,6 +211,15 @@ class ControlProtocol(LineOnlyReceiver, TimeoutMixin):
         @return: the reply line.
         """
         control = self.factory.control
+        lockout = self.factory.lockout
+        if command in ("LOCKOUTS", "UNLOCK"):
+            if lockout is None:
+                return "ERR lockout is not enabled"
+            if command == "UNLOCK":
+                assert queueId is not None
+                return f"OK unlocked {lockout.clear(queueId)}"
+            locks = [{"key": lock.key, "until": lock.until} for lock in lockout.locks()]
+            return "OK " + json.dumps(locks, ensure_ascii=True)
         if command == "FLUSH":
             try:
                 count = int(await maybeDeferred(control.flush))
@@ -261,9 +278,12 @@ class ControlFactory(Factory[ControlProtocol]):
     noisy = False
     timeout = 30.0
 
-    def __init__(self, control: IQueueControl, clock: Any) -> None:
+    def __init__(
+        self, control: IQueueControl, clock: Any, lockout: Lockout | None = None
+    ) -> None:
         self.control = control
         self.clock = clock
+        self.lockout = lockout
 
 
 class ControlService(MultiService):
@@ -305,7 +325,10 @@ class ControlService(MultiService):
 
 
 def makeControlService(
-    queueDirectory: str, control: IQueueControl, reactor: Any
+    queueDirectory: str,
+    control: IQueueControl,
+    reactor: Any,
+    lockout: Lockout | None = None,
 ) -> IService:
     """
     The service serving the control socket of the queue in C{queueDirectory}.
@@ -317,7 +340,7 @@ def makeControlService(
     @param reactor: the reactor to listen with, also the timeout clock.
     """
     service = ControlService(controlSocketPath(queueDirectory))
-    factory = ControlFactory(control, reactor)
+    factory = ControlFactory(control, reactor, lockout)
     strports.service(
         controlEndpointDescription(queueDirectory), factory, reactor
     ).setServiceParent(service)

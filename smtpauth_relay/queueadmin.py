@@ -444,7 +444,12 @@ def relayIsRunning(directory: str) -> Iterator[bool]:
         os.close(fd)  # releases the lock, if it is ours
 
 
-def sendRequest(socketPath: str, request: str, timeout: float = REPLY_TIMEOUT) -> str:
+def sendRequest(
+    socketPath: str,
+    request: str,
+    timeout: float = REPLY_TIMEOUT,
+    maxReply: int = _MAX_REPLY,
+) -> str:
     """
     Send one request line to the relay's control socket; return its reply
     line (without the line end).
@@ -458,8 +463,8 @@ def sendRequest(socketPath: str, request: str, timeout: float = REPLY_TIMEOUT) -
         s.connect(socketPath)
         s.sendall(request.encode("ascii") + b"\n")
         reply = b""
-        while b"\n" not in reply and len(reply) <= _MAX_REPLY:
-            chunk = s.recv(_MAX_REPLY)
+        while b"\n" not in reply and len(reply) <= maxReply:
+            chunk = s.recv(65536)
             if not chunk:
                 break
             reply += chunk

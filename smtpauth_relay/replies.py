@@ -96,6 +96,10 @@ AUTH_NEEDS_TLS = Reply(
 )
 AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available")
+AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed logins; try again later")
+TOO_MANY_AUTH_FAILURES = Reply(
+    421, "4.7.0", "Too many failed logins; closing connection"
+)
 
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queueId}")
 SPOOL_FAILED = Reply(

@@ -21,7 +21,13 @@ class AuthorizationRefused(ValueError):
     """
     The client asked to act as someone other than the user it authenticated
     as (an authorization identity in PLAIN); refused as a failed login.
+
+    @ivar username: the user it authenticated as.
     """
+
+    def __init__(self, message: str, username: str) -> None:
+        super().__init__(message)
+        self.username = username
 
 
 class Plain:
@@ -47,7 +53,9 @@ class Plain:
         if not authcid:
             raise MechanismError("empty user name")
         if authzid and authzid != authcid:
-            raise AuthorizationRefused("authorization identity differs")
+            raise AuthorizationRefused(
+                "authorization identity differs", authcid.decode("utf-8", "replace")
+            )
         return UsernamePassword(authcid, password)
 
 

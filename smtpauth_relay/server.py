@@ -52,6 +52,7 @@ from smtpauth_relay.auth import LoginContext, Submitter, login
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
 from smtpauth_relay.interfaces import ISpool
+from smtpauth_relay.lockout import Lockout
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.rdns import confirmedName
 from smtpauth_relay.replies import Reply
@@ -121,6 +122,7 @@ class SessionSettings:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     requireTLS: bool = True
     tlsMode: str = "starttls"
+    sessionMaxAuthFailures: int = 3
 
 
 class ConnectionLimiter:
@@ -257,6 +259,7 @@ class RelayESMTP(smtp.ESMTP):
         self._started = 0.0
         self._accepted = 0
         self._reverseName: str | None = None
+        self._authFailures = 0
         self._abortCall: Any = None
         self._handshakePending = self._secure
         self._shuttingDown = False
@@ -710,7 +713,7 @@ class RelayESMTP(smtp.ESMTP):
         self._mode = "command"
         self._mechanism = None
 
-    def _authStep(self, data: bytes, encoded: bool) -> Deferred[Submitter] | None:
+    def _authStep(self, data: bytes, encoded: bool) -> Deferred[Any] | None:
         assert self._mechanism is not None
         mechanism = self._mechanism
         if encoded:
@@ -726,16 +729,32 @@ class RelayESMTP(smtp.ESMTP):
             self._endAuth()
             self._error(replies.AUTH_BAD_BASE64)
             return None
-        except AuthorizationRefused:
+        except AuthorizationRefused as e:
             self._endAuth()
-            self._authFailed(mechanism.name, "authorization identity refused", None)
-            return None
+            return self._authFailed(
+                mechanism.name, "authorization identity refused", e.username
+            )
         if isinstance(step, bytes):
             self._mode = "auth"
             self.reply(Reply(334, None, base64.b64encode(step).decode()))
             return None
         self._endAuth()
         username = step.username.decode("utf-8", "replace")
+        lockout = self.factory.lockout
+        lock = lockout.check(self._peer, username) if lockout is not None else None
+        if lock is not None:
+            # Refused without looking at the password: a guess that happens
+            # to be right must not tell the attacker so.
+            log.info(
+                "AUTH {mechanism} for {user} from {peer} refused: {key} locked",
+                mechanism=mechanism.name,
+                user=username,
+                peer=self._peer,
+                key=lock.key,
+                result="locked",
+            )
+            self._error(replies.AUTH_LOCKED)
+            return None
         context = LoginContext(mechanism.name, self._secure)
         d = login(self.factory.portal, step, context)
         d.addCallbacks(
@@ -747,6 +766,8 @@ class RelayESMTP(smtp.ESMTP):
 
     def _authSucceeded(self, submitter: Submitter) -> None:
         self._submitter = submitter
+        if self.factory.lockout is not None:
+            self.factory.lockout.succeeded(self._peer, submitter.username)
         log.info(
             "AUTH {mechanism} ok for {user} from {peer}",
             mechanism=submitter.mechanism,
@@ -756,7 +777,9 @@ class RelayESMTP(smtp.ESMTP):
         )
         self.reply(replies.AUTH_OK)
 
-    def _authError(self, failure: Failure, mechanism: str, username: str) -> None:
+    def _authError(
+        self, failure: Failure, mechanism: str, username: str
+    ) -> Deferred[None] | None:
         if failure.check(CheckerUnavailable, UnhandledCredentials):
             log.warn(
                 "AUTH {mechanism} for {user} from {peer}: checker unavailable",
@@ -767,12 +790,22 @@ class RelayESMTP(smtp.ESMTP):
             )
             self.reply(replies.AUTH_UNAVAILABLE)
         elif failure.check(UnauthorizedLogin):
-            self._authFailed(mechanism, "bad credentials", username)
+            return self._authFailed(mechanism, "bad credentials", username)
         else:
             log.failure("AUTH failed unexpectedly", failure)
             self.reply(replies.AUTH_UNAVAILABLE)
+        return None
 
-    def _authFailed(self, mechanism: str, why: str, username: str | None) -> None:
+    def _authFailed(
+        self, mechanism: str, why: str, username: str | None
+    ) -> Deferred[None] | None:
+        """
+        Count a failed login and answer 535, after the lockout's tarpit
+        delay (the session waits; others go on); too many in one session
+        close it.
+
+        @return: a L{Deferred} when the answer is delayed.
+        """
         log.info(
             "AUTH {mechanism} failed for {user} from {peer}: {why}",
             mechanism=mechanism,
@@ -781,7 +814,26 @@ class RelayESMTP(smtp.ESMTP):
             why=why,
             result="failure",
         )
-        self._error(replies.AUTH_FAILED)
+        self._authFailures += 1
+        lockout = self.factory.lockout
+        delay = lockout.failed(self._peer, username) if lockout is not None else 0.0
+
+        def answer(ignored: object = None) -> None:
+            if self.transport.disconnecting:
+                return
+            self._error(replies.AUTH_FAILED)
+            limit = self.settings.sessionMaxAuthFailures
+            if self._authFailures >= limit and not self.transport.disconnecting:
+                log.info("too many failed logins from {peer}", peer=self._peer)
+                self.reply(replies.TOO_MANY_AUTH_FAILURES)
+                self._close()
+
+        if delay <= 0:
+            answer()
+            return None
+        d: Deferred[None] = Deferred()
+        self.clock.callLater(delay, d.callback, None)
+        return d.addCallback(answer)
 
     # -- mail transaction -------------------------------------------------
 
@@ -985,6 +1037,7 @@ class RelayServerFactory(protocol.ServerFactory):
         clock: Any,
         contextFactory: Any = None,
         resolver: Any = None,
+        lockout: Lockout | None = None,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
@@ -1000,6 +1053,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.clock = clock
         self.contextFactory = contextFactory
         self.resolver = resolver
+        self.lockout = lockout
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

@@ -29,6 +29,7 @@ from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.interfaces import IDeliveryAgent
+from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import (
@@ -73,6 +74,7 @@ def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
         mechanisms=config.auth.mechanisms,
         requireTLS=config.auth.require_tls,
         tlsMode=tlsMode,
+        sessionMaxAuthFailures=config.auth.lockout.session_max_failures,
     )
 
 
@@ -121,6 +123,9 @@ def makeRelayService(
 
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
+    lockout = Lockout(config.auth.lockout, reactor)
+    lockoutTimer(lockout).setServiceParent(top)
+
     for listener in config.listeners:
         factory: Any = RelayServerFactory(
             sessionSettings(config, listener.tls),
@@ -131,6 +136,7 @@ def makeRelayService(
             reactor,
             contextFactory,
             resolver,
+            lockout,
         )
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"
@@ -160,7 +166,9 @@ def makeRelayService(
     AgentCloser(agent, runner).setServiceParent(top)
     # After prepare(): the spool lock is what makes removing a stale control
     # socket safe.
-    makeControlService(config.queue.directory, runner, reactor).setServiceParent(top)
+    makeControlService(
+        config.queue.directory, runner, reactor, lockout=lockout
+    ).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
 

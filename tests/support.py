@@ -15,6 +15,8 @@ from twisted.internet.task import Clock
 from zope.interface import directlyProvides
 
 from smtpauth_relay.auth import makePortal
+from smtpauth_relay.config import LockoutConfig
+from smtpauth_relay.lockout import Lockout
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.server import (
     ConnectionLimiter,
@@ -51,6 +53,7 @@ class Harness:
         trustedRelays: tuple[str, ...] = (),
         maxConnections: int = 100,
         maxPerAddress: int = 20,
+        lockout: LockoutConfig | None = None,
         **settings: Any,
     ) -> None:
         self.clock = Clock()
@@ -74,6 +77,7 @@ class Harness:
             self.limiter,
             self.clock,
             CONTEXT,
+            lockout=Lockout(lockout, self.clock) if lockout is not None else None,
         )
 
     def connect(self, peer: str = "192.0.2.10") -> Session:

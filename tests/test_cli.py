@@ -76,7 +76,8 @@ class MainTests(SynchronousTestCase):
         Exactly the documented commands are dispatched.
         """
         self.assertEqual(
-            sorted(cli.COMMANDS), ["check-config", "demo", "passwd", "queue"]
+            sorted(cli.COMMANDS),
+            ["check-config", "demo", "lockout", "passwd", "queue"],
         )
 
 

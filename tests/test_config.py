@@ -836,7 +836,7 @@ class StructureTests(ConfigTestCase):
             self.problemsOf(complete(text)),
             [
                 "relay.toml:2: [relay] extra: unknown key",
-                'relay.toml:8: [auth.lockout] maxfailures: unknown key; did you mean '
+                "relay.toml:8: [auth.lockout] maxfailures: unknown key; did you mean "
                 '"max_failures"?',
             ],
         )

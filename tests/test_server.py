@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay.config import LockoutConfig
 from smtpauth_relay.errors import SpoolError
 from smtpauth_relay.testing import TLSStringTransport, spoolFull
 from tests.support import CONTEXT, Harness, Session, b64, plain
@@ -1462,3 +1463,120 @@ class RobustnessTests(SynchronousTestCase):
         session = Harness().connect()
         session.command(b"QUIT")
         self.assertIsNone(session.transport.producer)
+
+
+class LockoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.harness = Harness(
+            lockout=LockoutConfig(max_failures=3, tarpit=2),
+            sessionMaxAuthFailures=10,
+        )
+
+    def secure(self, peer: str = "192.0.2.10") -> Session:
+        session = self.harness.connect(peer)
+        session.startTLS()
+        session.command(b"EHLO client.example")
+        return session
+
+    def failLogin(self, session: Session, password: str = "guess") -> list[bytes]:
+        """
+        One failed AUTH, waiting out the tarpit.
+        """
+        replies = session.command(b"AUTH PLAIN " + plain("alice", password))
+        self.harness.clock.advance(2)
+        return replies + session.read()
+
+    def test_tarpit(self) -> None:
+        """
+        A failed AUTH is answered only after the tarpit delay, growing with
+        the address's failures; meanwhile other sessions are served.
+        """
+        session = self.secure()
+        self.assertEqual(session.command(b"AUTH PLAIN " + plain("alice", "x")), [])
+        other = self.secure("198.51.100.1")
+        self.assertEqual(other.last(b"NOOP"), b"250 2.0.0 Ok")
+        self.harness.clock.advance(0.25)
+        self.assertEqual(
+            session.read(), [b"535 5.7.8 Authentication credentials invalid"]
+        )
+        session.command(b"AUTH PLAIN " + plain("alice", "y"))
+        self.harness.clock.advance(0.25)
+        self.assertEqual(session.read(), [])
+        self.harness.clock.advance(0.25)
+        self.assertEqual(
+            session.read(), [b"535 5.7.8 Authentication credentials invalid"]
+        )
+
+    def test_lockedEvenWithRightPassword(self) -> None:
+        """
+        After max_failures failures, the right password gets 454 4.7.0 and
+        the checker is not even asked.
+        """
+        session = self.secure()
+        for _ in range(3):
+            self.failLogin(session)
+        asked = len(self.harness.checker.asked)
+        self.assertEqual(
+            session.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+            b"454 4.7.0 Too many failed logins; try again later",
+        )
+        self.assertEqual(len(self.harness.checker.asked), asked)
+        self.harness.clock.advance(900)
+        later = self.secure()
+        self.assertEqual(
+            later.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+            b"235 2.7.0 Authentication successful",
+        )
+
+    def test_unavailableNotCounted(self) -> None:
+        """
+        A checker that cannot answer (454) does not count as a failure.
+        """
+        self.harness.checker.unavailable = True
+        session = self.secure()
+        for _ in range(5):
+            self.assertEqual(
+                session.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+                b"454 4.7.0 Temporary authentication failure",
+            )
+        self.harness.checker.unavailable = False
+        self.assertEqual(
+            session.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+            b"235 2.7.0 Authentication successful",
+        )
+
+    def test_authorizationIdentityCounts(self) -> None:
+        """
+        A refused authorization identity counts as a failed login of the
+        authenticating user.
+        """
+        session = self.secure()
+        for _ in range(3):
+            session.command(b"AUTH PLAIN " + plain("alice", "wonderland", "bob"))
+            self.harness.clock.advance(2)
+        self.assertEqual(
+            session.last(b"AUTH PLAIN " + plain("alice", "wonderland")),
+            b"454 4.7.0 Too many failed logins; try again later",
+        )
+
+    def test_sessionClosedAfterTooManyFailures(self) -> None:
+        """
+        A session with session_max_failures failed logins is closed with
+        421 4.7.0.
+        """
+        harness = Harness(
+            lockout=LockoutConfig(max_failures=100, tarpit=0),
+            sessionMaxAuthFailures=2,
+        )
+        session = harness.connect()
+        session.startTLS()
+        session.command(b"EHLO client.example")
+        session.command(b"AUTH PLAIN " + plain("alice", "x"))
+        self.assertEqual(
+            session.command(b"AUTH PLAIN " + plain("alice", "y")),
+            [
+                b"535 5.7.8 Authentication credentials invalid",
+                b"421 4.7.0 Too many failed logins; closing connection",
+            ],
+        )
+        self.assertTrue(session.closed())
