@@ -622,7 +622,7 @@ def headerFromAddresses(headerValue: str) -> list[str]:
     if any(c in value for c in "\r\n\0"):
         raise ValueError("the From: header is malformed")
     found = [address for name, address in getaddresses([value])]
-    if not found:
+    if not found or not value.strip():
         raise ValueError("the From: header has no address")
     if "" in found:
         raise ValueError("the From: header has an empty address")
