@@ -3,3 +3,6 @@ user within a subnet and per subnet; locked logins get ``454 4.7.0`` even with t
 right password; repeat locks double; recently successful addresses stay exempt;
 failed logins are answered after a growing delay; a fail2ban filter and jail ship
 in ``etc/fail2ban/``; ``smtpauth-relay lockout list|clear`` shows and ends locks.
+``[relay] sender_login_map`` limits the MAIL FROM addresses each user may use
+(553 5.7.1 otherwise), optionally the From: header too (``check_header_from``).
+Messages with more than 50 Received headers are refused as mail loops.

@@ -35,6 +35,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.tls import keyMatches, loadCertificates, loadPrivateKey
 
 __all__ = [
@@ -186,10 +187,19 @@ class RelayConfig:
     @ivar trusted_networks: Client networks that may relay without AUTH.
     @ivar trusted_relays: Client networks whose C{AUTH=} parameter on MAIL
         FROM is believed (RFC 4954 section 5).
+    @ivar sender_login_map: Absolute path of the file listing the MAIL FROM
+        addresses each user may use, or C{None} for no check.
+    @ivar sender_plus_tags: Whether C{alice+tag@...} counts as an address
+        listed as C{alice@...}.
+    @ivar check_header_from: Whether the message's From: header must be an
+        allowed address too.
     """
 
     trusted_networks: tuple[IPNetwork, ...] = ()
     trusted_relays: tuple[IPNetwork, ...] = ()
+    sender_login_map: str | None = None
+    sender_plus_tags: bool = True
+    check_header_from: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,7 +310,13 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "tarpit",
         "session_max_failures",
     ),
-    "relay": ("trusted_networks", "trusted_relays"),
+    "relay": (
+        "trusted_networks",
+        "trusted_relays",
+        "sender_login_map",
+        "sender_plus_tags",
+        "check_header_from",
+    ),
     "queue": (
         "directory",
         "retry_schedule",
@@ -1135,6 +1151,20 @@ class _Validator:
         relayTable = self.table(data, "relay")
         relayTable.networks("trusted_networks")
         relayTable.networks("trusted_relays")
+        relayTable.path("sender_login_map", emptyIsUnset=True)
+        if relayTable.values.get("sender_login_map"):
+            try:
+                SenderLoginMap(relayTable.values["sender_login_map"])
+            except OSError as e:
+                relayTable.report("sender_login_map", f"{e.strerror}: {e.filename}")
+        else:
+            relayTable.values.pop("sender_login_map", None)
+        relayTable.boolean("sender_plus_tags")
+        relayTable.boolean("check_header_from")
+        if relayTable.values.get("check_header_from") and not relayTable.values.get(
+            "sender_login_map"
+        ):
+            relayTable.report("check_header_from", "needs sender_login_map")
         relay = RelayConfig(**relayTable.values)
 
         queueTable = self.table(data, "queue")

@@ -73,6 +73,7 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Parameter not recognized")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 DATA_LINE_TOO_LONG = Reply(554, "5.6.0", "Message line too long; message refused")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
 BARE_LINE_ENDING = Reply(
     550, "5.6.11", "Bare CR or LF in message; use CRLF line endings (RFC 5321)"
 )
@@ -91,6 +92,8 @@ AUTH_IN_TRANSACTION = Reply(
 )
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed for this login")
+HEADER_FROM_NOT_ALLOWED = Reply(550, "5.7.1", "From: header not allowed for this login")
 AUTH_NEEDS_TLS = Reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"
 )

@@ -63,6 +63,7 @@ from smtpauth_relay.sasl import (
     MechanismError,
     Plain,
 )
+from smtpauth_relay.senders import SenderLoginMap, headerFromAddresses
 from smtpauth_relay.submission import MessageIntake
 from smtpauth_relay.trace import TLSInfo, receivedHeader, sanitiseHelo
 
@@ -861,6 +862,22 @@ class RelayESMTP(smtp.ESMTP):
         if not self.factory.policy.mayRelay(self._peer, user):
             self._error(replies.AUTH_REQUIRED)
             return
+        senders = self.factory.senders
+        if senders is not None and user is not None:
+            refusal = senders.mayUse(user, mail.sender)
+            if refusal is not None:
+                log.info(
+                    "{user} from {peer} may not send as <{sender}>: {reason}",
+                    user=user,
+                    peer=self._peer,
+                    sender=mail.sender,
+                    reason=str(refusal),
+                )
+                if refusal.temporary:
+                    self._error(replies.SPOOL_FAILED)
+                else:
+                    self._error(replies.SENDER_NOT_ALLOWED.withText(str(refusal)))
+                return
         self._mail = mail
         self._recipients = []
         self.reply(replies.SENDER_OK)
@@ -982,6 +999,8 @@ class RelayESMTP(smtp.ESMTP):
             size=intake.size,
             body="8BITMIME" if intake.eightBit or mail.body == "8BITMIME" else "7BIT",
         )
+        if self.factory.checkHeaderFrom and self.factory.senders is not None and user:
+            self._checkHeaderFrom(intake, user)
         result = intake.finish(envelope)
         if isinstance(result, Reply):
             log.info(
@@ -995,6 +1014,35 @@ class RelayESMTP(smtp.ESMTP):
             return
         result.addCallbacks(self._queued, self._spoolFailed, callbackArgs=(envelope,))
         self._wait(result)
+
+    def _checkHeaderFrom(self, intake: MessageIntake, user: str) -> None:
+        """
+        The message's From: must be one address the user may send as.
+        """
+        assert self.factory.senders is not None
+        fields = intake.fromFields
+        if len(fields) != 1:
+            intake.refuse(
+                replies.HEADER_FROM_NOT_ALLOWED.withText(
+                    f"The message must have exactly one From: header, not {len(fields)}"
+                )
+            )
+            return
+        try:
+            addresses = headerFromAddresses(fields[0])
+        except ValueError as e:
+            intake.refuse(replies.HEADER_FROM_NOT_ALLOWED.withText(str(e)))
+            return
+        for address in addresses:
+            refusal = self.factory.senders.mayUse(user, address)
+            if refusal is not None:
+                reply = (
+                    replies.SPOOL_FAILED
+                    if refusal.temporary
+                    else replies.HEADER_FROM_NOT_ALLOWED.withText(f"From: {refusal}")
+                )
+                intake.refuse(reply)
+                return
 
     def _queued(self, queueId: str, envelope: Envelope) -> None:
         self._accepted += 1
@@ -1038,6 +1086,8 @@ class RelayServerFactory(protocol.ServerFactory):
         contextFactory: Any = None,
         resolver: Any = None,
         lockout: Lockout | None = None,
+        senders: SenderLoginMap | None = None,
+        checkHeaderFrom: bool = False,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
@@ -1054,6 +1104,8 @@ class RelayServerFactory(protocol.ServerFactory):
         self.contextFactory = contextFactory
         self.resolver = resolver
         self.lockout = lockout
+        self.senders = senders
+        self.checkHeaderFrom = checkHeaderFrom
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

@@ -32,6 +32,7 @@ from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.retry import QueueRunner
+from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.server import (
     ConnectionLimiter,
     RelayServerFactory,
@@ -124,6 +125,11 @@ def makeRelayService(
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
     lockout = Lockout(config.auth.lockout, reactor)
+    senders = (
+        SenderLoginMap(config.relay.sender_login_map, config.relay.sender_plus_tags)
+        if config.relay.sender_login_map
+        else None
+    )
     lockoutTimer(lockout).setServiceParent(top)
 
     for listener in config.listeners:
@@ -137,6 +143,8 @@ def makeRelayService(
             contextFactory,
             resolver,
             lockout,
+            senders,
+            config.relay.check_header_from,
         )
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"

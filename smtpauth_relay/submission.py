@@ -32,6 +32,11 @@ from smtpauth_relay.replies import Reply
 
 _HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 
+MAX_HOPS = 50
+"""Received fields (ours included) beyond which a message is looping."""
+MAX_FIELD = 8192
+"""Longest From: field kept for the sender check."""
+
 
 class MessageIntake:
     """
@@ -57,6 +62,10 @@ class MessageIntake:
         self.size = 0
         self.eightBit = False
         self._firstLine = True
+        self._inHeader = True
+        self._currentField: bytes | None = None
+        self._fromFields: list[bytes] = []
+        self.hops = 1  # our own Received
         writer.write(receivedHeader)
 
     @property
@@ -102,7 +111,56 @@ class MessageIntake:
             # would become part of our Received header.
             if line and not _HEADER_FIELD.match(line):
                 self.writer.write(b"\n")
+                self._inHeader = False
+        if self._inHeader:
+            self._headerLine(line)
+            if self.error is not None:
+                return
         self.writer.write(line + b"\n")
+
+    def _headerLine(self, line: bytes) -> None:
+        """
+        Follow the header section: count the hops (RFC 5321 6.3: a message
+        with too many Received fields is in a loop) and keep the From:
+        fields, unfolded.
+        """
+        if not line:
+            self._inHeader = False
+            self._endField()
+            return
+        if line[:1] in (b" ", b"\t"):
+            if self._currentField is not None and len(self._currentField) < MAX_FIELD:
+                self._currentField += b" " + line.strip()
+            return
+        self._endField()
+        name = line.split(b":", 1)[0].strip().lower()
+        if name == b"received":
+            self.hops += 1
+            if self.hops > MAX_HOPS:
+                self._fail(replies.TOO_MANY_HOPS)
+        elif name == b"from":
+            self._currentField = line.split(b":", 1)[1].strip()
+
+    def _endField(self) -> None:
+        if self._currentField is not None:
+            self._fromFields.append(self._currentField)
+            self._currentField = None
+
+    @property
+    def fromFields(self) -> list[str]:
+        """
+        The values of the message's From: header fields, unfolded.
+        """
+        fields = list(self._fromFields)
+        if self._currentField is not None:
+            fields.append(self._currentField)
+        return [f.decode("utf-8", "replace") for f in fields]
+
+    def refuse(self, reply: Reply) -> None:
+        """
+        Refuse the message (a policy decision at the final dot).
+        """
+        self._fail(reply)
 
     def finish(self, envelope: Envelope) -> Deferred[str] | Reply:
         """

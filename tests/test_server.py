@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from smtpauth_relay.config import LockoutConfig
 from smtpauth_relay.errors import SpoolError
+from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.testing import TLSStringTransport, spoolFull
 from tests.support import CONTEXT, Harness, Session, b64, plain
 
@@ -1580,3 +1581,113 @@ class LockoutTests(SynchronousTestCase):
             ],
         )
         self.assertTrue(session.closed())
+
+
+class SenderPolicyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("alice: alice@example.org, @sales.example.org\n")
+        self.harness = Harness()
+        self.harness.factory.senders = SenderLoginMap(path)
+        self.session = authenticated(self.harness)
+
+    def test_allowedSender(self) -> None:
+        """
+        A sender in the user's list (an address, or in a listed domain) is
+        accepted.
+        """
+        self.assertEqual(
+            self.session.last(b"MAIL FROM:<alice@example.org>"), b"250 2.1.0 Sender ok"
+        )
+        self.session.command(b"RSET")
+        self.assertEqual(
+            self.session.last(b"MAIL FROM:<anyone@sales.example.org>"),
+            b"250 2.1.0 Sender ok",
+        )
+
+    def test_forgedSender(self) -> None:
+        """
+        Any other MAIL FROM gets 553 5.7.1 naming the reason.
+        """
+        reply = self.session.last(b"MAIL FROM:<ceo@example.org>")
+        self.assertTrue(reply.startswith(b"553 5.7.1 "), reply)
+        self.assertIn(b"ceo@example.org", reply)
+
+    def test_trustedNetworkNotChecked(self) -> None:
+        """
+        Clients relaying by trusted network have no login to check.
+        """
+        harness = Harness(trustedNetworks=("10.0.0.0/8",), tlsMode="none")
+        harness.factory.senders = self.harness.factory.senders
+        session = harness.connect("10.0.0.5")
+        session.command(b"EHLO printer")
+        self.assertEqual(
+            session.last(b"MAIL FROM:<scanner@example.org>"), b"250 2.1.0 Sender ok"
+        )
+
+    def send(self, headers: bytes) -> list[bytes]:
+        self.harness.factory.checkHeaderFrom = True
+        transaction(self.session)
+        return self.session.send(headers + b"\r\nbody\r\n.\r\n")
+
+    def test_headerFromAllowed(self) -> None:
+        """
+        With check_header_from, an allowed From: header passes.
+        """
+        self.assertTrue(
+            self.send(b"From: Alice <alice@example.org>\r\nSubject: x\r\n")[
+                0
+            ].startswith(b"250 ")
+        )
+
+    def test_headerFromForged(self) -> None:
+        """
+        With check_header_from, a From: header naming someone else gets
+        550 5.7.1 after the dot and nothing is queued.
+        """
+        replies = self.send(b"From: CEO <ceo@example.org>\r\nSubject: x\r\n")
+        self.assertTrue(replies[0].startswith(b"550 5.7.1 From: "), replies)
+        self.assertEqual(self.harness.spool.messages, {})
+
+    def test_headerFromFolded(self) -> None:
+        """
+        A folded From: header is unfolded before it is checked.
+        """
+        replies = self.send(b"From: Alice\r\n <ceo@example.org>\r\nSubject: x\r\n")
+        self.assertTrue(replies[0].startswith(b"550 5.7.1 "), replies)
+
+    def test_twoFromHeaders(self) -> None:
+        """
+        Two From: headers are refused (which one would a reader see?).
+        """
+        replies = self.send(
+            b"From: alice@example.org\r\nFrom: ceo@example.org\r\nSubject: x\r\n"
+        )
+        self.assertTrue(replies[0].startswith(b"550 5.7.1 "), replies)
+
+
+class LoopTests(SynchronousTestCase):
+    def test_tooManyHops(self) -> None:
+        """
+        A message with 50 Received fields already (ours makes 51) is a mail
+        loop: 554 5.4.6, nothing queued.
+        """
+        harness = Harness()
+        session = authenticated(harness)
+        transaction(session)
+        received = b"Received: from a by b; Fri, 1 Jan 2027 00:00:00 +0000\r\n" * 50
+        replies = session.send(received + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(replies, [b"554 5.4.6 Too many Received headers: mail loop?"])
+        self.assertEqual(harness.spool.messages, {})
+
+    def test_hopsBelowLimit(self) -> None:
+        """
+        49 Received fields are fine.
+        """
+        harness = Harness()
+        session = authenticated(harness)
+        transaction(session)
+        received = b"Received: from a by b; Fri, 1 Jan 2027 00:00:00 +0000\r\n" * 49
+        replies = session.send(received + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertTrue(replies[0].startswith(b"250 "))
