@@ -38,6 +38,11 @@ class UpstreamScript:
     greeting: bytes = b"220 upstream.example ESMTP"
     mailReply: bytes = b"250 2.1.0 Ok"
     dataReply: bytes = b"250 2.0.0 Ok: queued"
+    dataStartReply: bytes = b"354 Go ahead"
+    ehloReply: bytes | None = None
+    heloReply: bytes = b"250 upstream.example"
+    holdDataReply: bool = False
+    heldReplies: list[Any] = field(default_factory=list)
     rsetReply: bytes = b"250 2.0.0 Ok"
     silent: bool = False
     tls: bool = False
@@ -74,7 +79,12 @@ class FakeUpstream(LineOnlyReceiver):
                 self.inData = False
                 assert self.current is not None
                 self.script.transactions.append(self.current)
-                self.sendLine(self.script.dataReply)
+                if self.script.holdDataReply:
+                    self.script.heldReplies.append(
+                        lambda: self.sendLine(self.script.dataReply)
+                    )
+                else:
+                    self.sendLine(self.script.dataReply)
                 return
             if line.startswith(b"."):
                 line = line[1:]
@@ -86,7 +96,11 @@ class FakeUpstream(LineOnlyReceiver):
             self._authResponse(line)
             return
         verb = line.split(b" ", 1)[0].upper()
-        if verb == b"EHLO":
+        if verb == b"EHLO" and self.script.ehloReply is not None:
+            self.sendLine(self.script.ehloReply)
+        elif verb == b"HELO":
+            self.sendLine(self.script.heloReply)
+        elif verb == b"EHLO":
             lines = [b"upstream.example"] + self.script.extensions
             if self.script.tls and not self.secure:
                 lines.append(b"STARTTLS")
@@ -123,8 +137,8 @@ class FakeUpstream(LineOnlyReceiver):
                 self.current.recipients.append(address)
                 self.sendLine(b"250 2.1.5 Ok")
         elif verb == b"DATA":
-            self.inData = True
-            self.sendLine(b"354 Go ahead")
+            self.inData = self.script.dataStartReply.startswith(b"354")
+            self.sendLine(self.script.dataStartReply)
         elif verb == b"RSET":
             self.current = None
             self.sendLine(self.script.rsetReply)

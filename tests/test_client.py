@@ -493,3 +493,126 @@ class MailFromParametersTests(SynchronousTestCase):
         self.assertEqual(
             mailFromParameters(outbound, {b"AUTH": b"PLAIN"}, 10), b" AUTH=<>"
         )
+
+
+class MisbehavingUpstreamTests(PoolTestCase):
+    def test_successInsteadOf354(self) -> None:
+        """
+        A 2xx reply to DATA (where 354 belongs) delivers nothing: the
+        recipients are deferred, not reported delivered.
+        """
+        self.script.dataStartReply = b"250 2.0.0 Ok"
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(report.delivered, ())
+        self.assertIn("bob@example.net", report.deferred)
+        self.assertEqual(self.script.transactions, [])
+
+    def test_successInsteadOf250ToMail(self) -> None:
+        """
+        A 251 to MAIL FROM is not taken as a delivery either.
+        """
+        self.script.mailReply = b"251 2.1.0 Ok"
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(report.delivered, ())
+        self.assertIn("bob@example.net", report.deferred)
+
+    def test_heloRefusedOnce(self) -> None:
+        """
+        A server refusing EHLO and HELO gets one HELO, not an endless loop;
+        the message fails temporarily.
+        """
+        self.script.ehloReply = b"502 5.5.1 No EHLO"
+        self.script.heloReply = b"502 5.5.1 No HELO either"
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.failureResultOf(d, UpstreamError)
+        self.assertEqual(self.script.commands.count(b"HELO relay.example.org"), 1)
+
+    def test_refusedCredentialsHoldDeliveries(self) -> None:
+        """
+        Refused credentials are tried once per connection (not in a second
+        form), and deliveries to that upstream are held for a while instead
+        of failing a login per queued message.
+        """
+        self.script.users = {b"relay": b"other"}
+        self.script.tls = True
+        pool = self.pool(
+            username="relay",
+            password=b"s3cret",
+            startTLS=FakeTLSContext(),
+            requireTLS=True,
+        )
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.failureResultOf(d, UpstreamError)
+        self.assertEqual(
+            len([c for c in self.script.commands if c.startswith(b"AUTH")]), 1
+        )
+        connections = self.script.connections
+        held = self.send(pool, envelope("Q2"))
+        self.assertIn(
+            "credentials", str(self.failureResultOf(held, UpstreamError).value)
+        )
+        self.assertEqual(self.script.connections, connections)
+        self.clock.advance(pool.authHold)
+        again = self.send(pool, envelope("Q3"))
+        self.connector.flush()
+        self.failureResultOf(again, UpstreamError)
+        self.assertEqual(self.script.connections, connections + 1)
+
+    def test_eightBitToSevenBitUpstream(self) -> None:
+        """
+        An 8-bit message is never sent to a server without 8BITMIME: it
+        fails permanently (5.6.3) and the next message still goes.
+        """
+        self.script.extensions = [b"SIZE 1000000"]
+        pool = self.pool()
+        pool.maxConnections = 1
+        eightBit = self.send(pool, envelope("Q1", body="8BITMIME"), "Grüße\n".encode())
+        plain = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        report = self.successResultOf(eightBit)
+        self.assertTrue(report.failed["bob@example.net"].startswith("554 5.6.3 "))
+        self.successResultOf(plain)
+        self.assertEqual(len(self.script.transactions), 1)
+
+    def test_noAbortAfterFinalDot(self) -> None:
+        """
+        Once the final dot is sent, the deadline does not abort the
+        connection: the upstream may already have the message, so its reply
+        is awaited (for up to ten minutes).
+        """
+        self.script.holdDataReply = True
+        pool = self.pool()
+        d = self.send(pool, envelope())
+        self.connector.flush()
+        self.assertEqual(len(self.script.transactions), 1)
+        self.clock.advance(599)
+        self.connector.flush()
+        self.assertNoResult(d)
+        self.assertFalse(self.connector.pumps[0].clientIO.disconnecting)
+        self.script.heldReplies[0]()
+        self.connector.flush()
+        self.assertEqual(self.successResultOf(d).delivered, ("bob@example.net",))
+
+    def test_serviceClosing421(self) -> None:
+        """
+        A 421 from the upstream (closing) defers the message and does not
+        make the pool open one connection per waiting message.
+        """
+        self.script.mailReply = b"421 4.3.2 Shutting down"
+        pool = self.pool()
+        pool.maxConnections = 1
+        results = [self.send(pool, envelope(f"Q{i}")) for i in range(5)]
+        self.connector.flush()
+        for d in results:
+            if d.called and not isinstance(d.result, DeliveryReport):
+                self.failureResultOf(d, UpstreamError)
+        self.assertLessEqual(self.script.connections, 2)

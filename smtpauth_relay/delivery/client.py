@@ -47,7 +47,9 @@ from smtpauth_relay.envelope import NULL_AUTH, DeliveryReport, Envelope
 log = Logger()
 
 RESPONSE_TIMEOUT = 300
-"""Seconds to wait for any one reply (RFC 5321 4.5.3.2 suggests 5-10 min)."""
+"""Seconds to wait for any one reply (RFC 5321 4.5.3.2: 5 minutes)."""
+DATA_TERMINATION_TIMEOUT = 600
+"""Seconds to wait for the reply to the final dot (RFC 5321 4.5.3.2.6)."""
 
 
 class UpstreamError(Exception):
@@ -70,11 +72,14 @@ class Outbound:
     One message waiting to be sent, and the L{Deferred} its outcome fires.
 
     @ivar forwardIdentity: whether C{AUTH=} names the submitter.
+    @ivar deadline: seconds the transfer may take once a connection takes
+        it (0: no limit but the reply timeouts).
     """
 
     envelope: Envelope
     messagePath: str
     forwardIdentity: bool = False
+    deadline: float = 0.0
     result: Deferred[DeliveryReport] = field(default_factory=Deferred)
 
     @property
@@ -198,6 +203,11 @@ class OutboundQueue:
         C{client}'s connection has ended.
         """
 
+    def credentialsRefused(self, client: RelayClient, reply: str) -> None:
+        """
+        The destination refused our credentials.
+        """
+
 
 class RelayClient(smtp.ESMTPClient):
     """
@@ -234,6 +244,8 @@ class RelayClient(smtp.ESMTPClient):
         self._file: IO[bytes] | None = None
         self._atLineStart = True
         self._waiting = False
+        self._dataSent = False
+        self._deadlineCall: Any = None
         # Twisted's client reads these before it first sets them when the
         # first MAIL FROM is refused.
         self.successAddresses: list[str] = []
@@ -285,10 +297,47 @@ class RelayClient(smtp.ESMTPClient):
             self._from = None
             self._disconnectFromServer()
 
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        """
+        EHLO was refused: try HELO once.  (Twisted's client would answer a
+        refused HELO with HELO again, for ever.)
+        """
+        smtp.ESMTPClient.smtpState_helo(self, code, resp)
+        self._failresponse = self.smtpConnectionFailed
+
+    def _esmtpState_plainAuth(self, code: int, resp: bytes) -> None:
+        """
+        AUTH PLAIN was refused.  Twisted's client then tries a second form
+        of the same credentials; a refusal is final here: two failed logins
+        per connection bring a provider's account lockout twice as fast.
+        """
+        self.esmtpAUTHDeclined(code, resp)
+
+    def esmtpAUTHDeclined(self, code: int = -1, resp: bytes | None = None) -> None:
+        self.queue.credentialsRefused(self, _replyText(code, resp or b""))
+        smtp.ESMTPClient.esmtpAUTHDeclined(self, code, resp)
+
     def _start(self, outbound: Outbound) -> None:
         self.current = outbound
+        self._dataSent = False
         envelope = outbound.envelope
         self._from = envelope.sender
+        if outbound.deadline:
+            self._deadlineCall = self.clock_().callLater(
+                outbound.deadline, self._deadlineExpired
+            )
+        if envelope.body == "8BITMIME" and b"8BITMIME" not in self.extensions:
+            # RFC 6152: 8-bit data may only go to a server that says it
+            # takes it.
+            reply = "554 5.6.3 The next hop does not accept 8-bit data (8BITMIME)"
+            self._finish(
+                DeliveryReport(
+                    failed={r: reply for r in envelope.recipients},
+                    host=self.settings.host,
+                )
+            )
+            self.smtpState_from(-1, b"")
+            return
         try:
             size = os.stat(outbound.messagePath).st_size
         except OSError as e:
@@ -309,6 +358,30 @@ class RelayClient(smtp.ESMTPClient):
     def getMailTo(self) -> list[str]:
         assert self.current is not None
         return list(self.current.envelope.recipients)
+
+    def clock_(self) -> Any:
+        if self.clock is not None:
+            return self.clock
+        from twisted.internet import reactor
+
+        return reactor
+
+    def _deadlineExpired(self) -> None:
+        """
+        The message has taken too long.  Before the final dot, give up on
+        the connection; after it, the upstream may already have the message,
+        so wait for its reply (the reply timeout still applies).
+        """
+        self._deadlineCall = None
+        if self.current is not None and not self._dataSent:
+            self.sendError(
+                UpstreamError("the message was not sent in time", self.settings.host)
+            )
+
+    def finishedFileTransfer(self, lastsent: bytes) -> None:
+        smtp.ESMTPClient.finishedFileTransfer(self, lastsent)
+        self._dataSent = True
+        self.setTimeout(DATA_TERMINATION_TIMEOUT)
 
     def getMailData(self) -> IO[bytes]:
         assert self.current is not None
@@ -360,11 +433,21 @@ class RelayClient(smtp.ESMTPClient):
         outbound = self.current
         if outbound is None:
             return
-        self.sent += 1
+        self.setTimeout(RESPONSE_TIMEOUT)
+        if self._dataSent:
+            self.sent += 1
+        elif 200 <= code < 300:
+            # A success reply where a 250 to MAIL or a 354 to DATA belonged
+            # (an out-of-step or broken server): nothing was delivered.
+            code, resp = 451, b"4.5.0 Unexpected reply: " + resp
         report = reportFor(outbound.envelope, self.settings.host, code, resp, addresses)
         self._finish(report)
 
     def _finish(self, outcome: DeliveryReport | Failure) -> None:
+        if self._deadlineCall is not None:
+            if self._deadlineCall.active():
+                self._deadlineCall.cancel()
+            self._deadlineCall = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,7 +35,11 @@ class ConnectionPool(OutboundQueue):
     Connections to one destination; see the module docstring.
 
     @ivar connectionsMade: connections opened so far (for logs and tests).
+    @ivar authHold: seconds deliveries wait after the upstream refused our
+        credentials.
     """
+
+    authHold = 900.0
 
     def __init__(
         self,
@@ -66,45 +70,78 @@ class ConnectionPool(OutboundQueue):
         self.connectionsMade = 0
         self._idle: dict[RelayClient, Any] = {}
         self._closed: list[Deferred[None]] = []
+        self._waitTimers: dict[int, Any] = {}
+        self._heldUntil = 0.0
+        self._heldReason = ""
 
     def send(self, outbound: Outbound) -> Deferred[DeliveryReport]:
         """
         Queue C{outbound}; its C{result} fires with its report.
+
+        It may wait C{deadline} seconds for a connection; once a connection
+        takes it, the transfer has C{deadline} seconds more (after the final
+        dot the upstream's reply is awaited regardless: it may already have
+        the message).
         """
-        outbound.result.addTimeout(self.deadline, self.clock, self._timedOut(outbound))
+        now = self.clock.seconds()
+        if now < self._heldUntil:
+            return fail(
+                UpstreamError(
+                    f"holding deliveries until {self._heldUntil - now:.0f}s from now: "
+                    f"{self._heldReason}",
+                    self.factory.settings.host,
+                )
+            )
+        outbound.deadline = self.deadline
+        self._waitTimers[id(outbound)] = self.clock.callLater(
+            self.deadline, self._waitedTooLong, outbound
+        )
         self.waiting.append(outbound)
         self._dispatch()
         return outbound.result
 
-    def _timedOut(self, outbound: Outbound) -> Any:
-        def onTimeout(result: object, timeout: float) -> Failure:
-            taken = False
-            for client in list(self.clients):
-                if client.current is outbound:
-                    taken = True
-                    client.transport.abortConnection()
-            if not taken:
-                # Still waiting: the connections that have not sent anything
-                # yet (an upstream that accepts but never greets) are stuck;
-                # drop them, so the next attempt opens fresh ones.
-                try:
-                    self.waiting.remove(outbound)
-                except ValueError:
-                    pass
-                for client in list(self.clients):
-                    if (
-                        client.current is None
-                        and client.sent == 0
-                        and client not in self._idle
-                    ):
-                        client.transport.abortConnection()
-            return Failure(
-                UpstreamError(
-                    f"no result within {timeout:.0f}s", self.factory.settings.host
+    def _waitedTooLong(self, outbound: Outbound) -> None:
+        """
+        No connection took C{outbound} in time: the connections that have
+        not got anywhere (an upstream that accepts but never greets) are
+        stuck; drop them, so the next attempt opens fresh ones.
+        """
+        self._waitTimers.pop(id(outbound), None)
+        try:
+            self.waiting.remove(outbound)
+        except ValueError:
+            return
+        for client in list(self.clients):
+            if client.current is None and client.sent == 0 and client not in self._idle:
+                client.transport.abortConnection()
+        if not outbound.done:
+            outbound.result.errback(
+                Failure(
+                    UpstreamError(
+                        f"no connection took the message within {self.deadline:.0f}s",
+                        self.factory.settings.host,
+                    )
                 )
             )
 
-        return onTimeout
+    def credentialsRefused(self, client: RelayClient, reply: str) -> None:
+        """
+        The upstream refused our login: hold deliveries to it for a while
+        instead of failing another login with every queued message (which
+        gets provider accounts locked).
+        """
+        self._heldUntil = self.clock.seconds() + self.authHold
+        self._heldReason = f"the upstream refused our credentials: {reply}"
+        log.error(
+            "{host} refused our credentials ({reply}); holding deliveries to it "
+            "for {hold:.0f}s: check [delivery] username and password_file",
+            host=self.factory.settings.host,
+            reply=reply,
+            hold=self.authHold,
+        )
+        self._failWaiting(
+            Failure(UpstreamError(self._heldReason, self.factory.settings.host))
+        )
 
     def _dispatch(self) -> None:
         while self.waiting and self._idle:
@@ -150,12 +187,18 @@ class ConnectionPool(OutboundQueue):
         )
         waiting, self.waiting = self.waiting, deque()
         for outbound in waiting:
+            timer = self._waitTimers.pop(id(outbound), None)
+            if timer is not None and timer.active():
+                timer.cancel()
             if not outbound.done:
                 outbound.result.errback(Failure(error))
 
     def _next(self) -> Outbound | None:
         while self.waiting:
             outbound = self.waiting.popleft()
+            timer = self._waitTimers.pop(id(outbound), None)
+            if timer is not None and timer.active():
+                timer.cancel()
             if not outbound.done:
                 return outbound
         return None
