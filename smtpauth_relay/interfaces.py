@@ -91,11 +91,21 @@ class ISpool(Interface):
         """
         Durably replace the envelope of a committed message (its attempts,
         its remaining recipients).
+
+        @raise KeyError: (in the Deferred) if the message is gone: an
+            envelope is never written back for a removed message.
         """
 
     def remove(queueId: str) -> Deferred[None]:
         """
-        Remove a delivered message from the spool (durably).
+        Remove a delivered message from the spool (durably); nothing happens
+        if it is already gone.
+        """
+
+    def quarantine(queueId: str) -> Deferred[None]:
+        """
+        Move a message whose envelope cannot be read out of the queue (to
+        C{corrupt/}), for the admin to look at.
         """
 
     def addListener(listener: Callable[[str], object]) -> None:

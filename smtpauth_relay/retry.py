@@ -31,7 +31,6 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     fail,
-    succeed,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,7 +121,14 @@ class QueueRunner(Service):
         self._runInThread = runInThread
         self._semaphore = DeferredSemaphore(maxConcurrent)
         self._scheduled: dict[str, Any] = {}
+        # Attempts scheduled to run (waiting for a slot or running) ...
         self._active: dict[str, Deferred[float | None]] = {}
+        # ... those actually running, and messages an admin command holds.
+        self._busy: set[str] = set()
+        self._adminBusy: set[str] = set()
+        # Recipients delivered or bounced whose envelope is not saved yet:
+        # never delivered twice, even if saving fails.
+        self._done: dict[str, set[str]] = {}
         self._listening = False
 
     def startService(self) -> None:
@@ -155,7 +161,11 @@ class QueueRunner(Service):
         Attempt delivery of C{queueId} in C{delay} seconds, unless an attempt
         is already scheduled or under way.
         """
-        if queueId in self._scheduled or queueId in self._active:
+        if (
+            queueId in self._scheduled
+            or queueId in self._active
+            or queueId in self._adminBusy
+        ):
             return
         self._scheduled[queueId] = self.clock.callLater(delay, self._start, queueId)
 
@@ -193,12 +203,40 @@ class QueueRunner(Service):
         One delivery attempt, and what follows from it.
 
         @return: seconds until the next attempt, or C{None} when the message
-            has left the queue.
+            has left the queue (or the runner is stopping, or an admin
+            command holds the message).
         """
+        if not self.running or queueId in self._adminBusy:
+            return None
+        self._busy.add(queueId)
+        try:
+            return await self._deliver(queueId)
+        finally:
+            self._busy.discard(queueId)
+
+    async def _deliver(self, queueId: str) -> float | None:
         try:
             envelope = await self._runInThread(self.spool.load, queueId)
         except KeyError:
             return None
+        except ValueError as e:
+            log.error(
+                "{queueId} has an unreadable envelope ({error}); moved to corrupt/",
+                queueId=queueId,
+                error=str(e),
+            )
+            await self.spool.quarantine(queueId)
+            return None
+        done = self._done.get(queueId, set())
+        if done:
+            envelope = replace(
+                envelope,
+                recipients=tuple(r for r in envelope.recipients if r not in done),
+            )
+            if not envelope.recipients:
+                await self.spool.remove(queueId)
+                self._done.pop(queueId, None)
+                return None
         try:
             report = await self.agent.deliver(envelope, self.spool.messagePath(queueId))
         except Exception as e:
@@ -207,6 +245,8 @@ class QueueRunner(Service):
                 host=getattr(e, "host", ""),
             )
         now = self.clock.seconds()
+        delivered = set(report.delivered) & set(envelope.recipients)
+        self._done.setdefault(queueId, set()).update(delivered)
         for recipient in report.delivered:
             if recipient in envelope.recipients:
                 log.info(
@@ -246,11 +286,13 @@ class QueueRunner(Service):
                 expired=expired,
                 now=now,
             )
+            self._done[queueId].update(bounced)
         remaining = tuple(
             r for r in envelope.recipients if r in deferred and r not in bounced
         )
         if not remaining:
             await self.spool.remove(queueId)
+            self._done.pop(queueId, None)
             return None
         updated = envelope.withAttempt(attempt, remaining)
         if (
@@ -263,6 +305,7 @@ class QueueRunner(Service):
         delay = self.retryDelay(len(updated.attempts))
         updated = replace(updated, nextAttempt=now + delay)
         await self.spool.saveEnvelope(updated)
+        self._done.pop(queueId, None)
         log.warn(
             "{queueId} deferred for {count} recipient(s) via {host}: {reply}; "
             "retry in {delay:.0f}s",
@@ -329,9 +372,11 @@ class QueueRunner(Service):
         """
         See L{IQueueControl.flush}.
         """
+        if not self.running:
+            return 0
         count = 0
         for queueId in self.spool.queued():
-            if queueId in self._active:
+            if queueId in self._active or queueId in self._adminBusy:
                 continue
             self._unschedule(queueId)
             self.schedule(queueId, 0)
@@ -339,35 +384,46 @@ class QueueRunner(Service):
         log.info("queue flushed: {count} message(s) scheduled", count=count)
         return count
 
-    def _idleMessage(self, queueId: str) -> Deferred[Envelope]:
-        if queueId in self._active:
+    def _holding(self, queueId: str, action: Any) -> Deferred[None]:
+        """
+        Run an admin C{action(envelope)} on a message no attempt is
+        delivering, holding it meanwhile: no attempt starts, no other admin
+        command runs on it.  If the message is still queued afterwards (the
+        action failed), it is scheduled again.
+        """
+        if queueId in self._busy or queueId in self._adminBusy:
             return fail(QueueBusy(queueId))
-        try:
-            return succeed(self.spool.load(queueId))
-        except KeyError:
-            return fail(KeyError(queueId))
+        self._adminBusy.add(queueId)
+        self._unschedule(queueId)
+
+        async def run() -> None:
+            try:
+                envelope = await self._runInThread(self.spool.load, queueId)
+                await action(envelope)
+            finally:
+                self._adminBusy.discard(queueId)
+                if self.running and queueId in self.spool.queued():
+                    self.schedule(queueId, 0)
+
+        return Deferred.fromCoroutine(run())
 
     def delete(self, queueId: str) -> Deferred[None]:
         """
         See L{IQueueControl.delete}.
         """
 
-        async def delete() -> None:
-            await self._idleMessage(queueId)
-            self._unschedule(queueId)
+        async def delete(envelope: Envelope) -> None:
             await self.spool.remove(queueId)
             log.warn("{queueId} deleted by the administrator", queueId=queueId)
 
-        return Deferred.fromCoroutine(delete())
+        return self._holding(queueId, delete)
 
     def bounce(self, queueId: str) -> Deferred[None]:
         """
         See L{IQueueControl.bounce}.
         """
 
-        async def bounce() -> None:
-            envelope = await self._idleMessage(queueId)
-            self._unschedule(queueId)
+        async def bounce(envelope: Envelope) -> None:
             last = envelope.attempts[-1] if envelope.attempts else None
             reason = "delivery abandoned by the administrator"
             if last is not None:
@@ -380,7 +436,7 @@ class QueueRunner(Service):
             )
             await self.spool.remove(queueId)
 
-        return Deferred.fromCoroutine(bounce())
+        return self._holding(queueId, bounce)
 
 
 def _reason(error: BaseException) -> str:

@@ -332,13 +332,36 @@ class Spool:
         """
         See L{ISpool.saveEnvelope}.
         """
-        return self.runInThread(
-            writeFileDurably,
-            self.queuedDirectory,
-            self.tmpDirectory,
-            envelope.queueId + ".env",
-            envelope.toJSON(),
-        )
+
+        def saveInThread() -> None:
+            if not os.path.exists(self.messagePath(envelope.queueId)):
+                raise KeyError(envelope.queueId)
+            writeFileDurably(
+                self.queuedDirectory,
+                self.tmpDirectory,
+                envelope.queueId + ".env",
+                envelope.toJSON(),
+            )
+
+        return self.runInThread(saveInThread)
+
+    def quarantine(self, queueId: str) -> Deferred[None]:
+        """
+        See L{ISpool.quarantine}.
+        """
+
+        def quarantineInThread() -> None:
+            corrupt = os.path.join(self.directory, "corrupt")
+            os.makedirs(corrupt, mode=0o750, exist_ok=True)
+            for path in (self._envelopePath(queueId), self.messagePath(queueId)):
+                try:
+                    os.rename(path, os.path.join(corrupt, os.path.basename(path)))
+                except FileNotFoundError:
+                    pass
+            fsyncDirectory(self.queuedDirectory)
+            fsyncDirectory(corrupt)
+
+        return self.runInThread(quarantineInThread)
 
     def remove(self, queueId: str) -> Deferred[None]:
         """
@@ -347,11 +370,11 @@ class Spool:
         """
 
         def removeInThread() -> None:
-            os.unlink(self._envelopePath(queueId))
-            try:
-                os.unlink(self.messagePath(queueId))
-            except FileNotFoundError:
-                pass
+            for path in (self._envelopePath(queueId), self.messagePath(queueId)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
             fsyncDirectory(self.queuedDirectory)
 
         return self.runInThread(removeInThread)

@@ -105,6 +105,7 @@ class MemorySpool:
         self.messages: dict[str, tuple[Envelope, bytes]] = {}
         self.listeners: list[Callable[[str], object]] = []
         self.aborted: list[str] = []
+        self.quarantined: dict[str, tuple[Envelope, bytes]] = {}
         self.failNextCommit: BaseException | None = None
         self.holdCommits = False
         self.heldCommits: list[tuple[MemorySpoolWriter, Envelope, Deferred[str]]] = []
@@ -133,9 +134,11 @@ class MemorySpool:
         return succeed(None)
 
     def remove(self, queueId: str) -> Deferred[None]:
-        if queueId not in self.messages:
-            return fail(KeyError(queueId))
-        del self.messages[queueId]
+        self.messages.pop(queueId, None)
+        return succeed(None)
+
+    def quarantine(self, queueId: str) -> Deferred[None]:
+        self.quarantined[queueId] = self.messages.pop(queueId)
         return succeed(None)
 
     def addListener(self, listener: Callable[[str], object]) -> None:

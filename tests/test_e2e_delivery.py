@@ -1027,7 +1027,7 @@ class SmarthostDeliveryTests(DeliveryHarness):
         queueId = self.submit(self.session(relay), message, sender, recipients)
         envelope = self.waitForAttempts(relay, queueId, 2)
         for attempt in envelope["attempts"]:
-            self.assertIn("no result within 2s", attempt["reply"])
+            self.assertIn("no connection took the message within 2s", attempt["reply"])
         self.assertEqual(upstream.connections, 0)
 
         upstream.hanging = False

@@ -992,7 +992,12 @@ class LoopbackTests(TestCase):
     async def deliver(self, *recipients: str, **kw: Any) -> DeliveryReport:
         resolver = makeResolver(self.reactor, (f"127.0.0.1:{self.dnsPort}",))
         agent = MXDelivery(
-            self.reactor, resolver, "relay.test", port=self.smtpPort, **kw
+            self.reactor,
+            resolver,
+            "relay.test",
+            port=self.smtpPort,
+            allowLoopback=True,
+            **kw,
         )
         path = self.mktemp()
         with open(path, "wb") as f:
@@ -1069,3 +1074,34 @@ class LoopbackTests(TestCase):
             self.assertEqual(len(self.script.transactions), 1)
 
         return Deferred.fromCoroutine(run())
+
+
+class LocalAddressTests(SynchronousTestCase):
+    def test_loopbackRefused(self) -> None:
+        """
+        Mail is never delivered to loopback, link-local or reserved
+        addresses (an MX or an address literal pointing there would loop or
+        reach services on this host): nothing is connected, and an address
+        literal fails permanently.
+        """
+        resolver = FakeResolver()
+        resolver.mx("loop.example", (10, "mx.loop.example"))
+        resolver.add("mx.loop.example", dns.Record_A("127.0.0.1"))
+        connections: list[tuple[str, int]] = []
+
+        def connect(ip: str, port: int, factory: Any) -> Any:
+            connections.append((ip, port))
+            raise AssertionError("no connection expected")
+
+        agent = MXDelivery(Clock(), resolver, HELO, connect=connect)
+        for recipient in ("b@[127.0.0.1]", "c@[169.254.1.1]"):
+            d = agent.deliver(envelope(recipient), "/nonexistent")
+            report = self.successResultOf(d)
+            self.assertIn(recipient, report.failed, report)
+        # An MX whose only addresses are local has no usable address: not
+        # delivered (retried, then bounced at expiry like any dead domain).
+        report = self.successResultOf(
+            agent.deliver(envelope("a@loop.example"), "/nonexistent")
+        )
+        self.assertEqual(report.delivered, ())
+        self.assertEqual(connections, [])

@@ -8,13 +8,16 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import os
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay import retry as retryModule
 from smtpauth_relay.envelope import DeliveryReport, Envelope
-from smtpauth_relay.errors import QueueBusy
+from smtpauth_relay.errors import QueueBusy, SpoolError
 from smtpauth_relay.interfaces import IDeliveryAgent, IQueueControl
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.spool import Spool
@@ -403,3 +406,86 @@ class ControlTests(DiskQueueTestCase):
         status = message.get_payload()[1].as_string()
         self.assertIn("Final-Recipient: rfc822; bob@example.net", status)
         self.assertIn("greylisted", message.get_payload()[0].get_content())
+
+
+class RobustnessTests(DiskQueueTestCase):
+    def test_noRedeliveryWhenBounceFails(self) -> None:
+        """
+        If queueing a bounce fails after some recipients were delivered, the
+        next attempt does not deliver to them again.
+        """
+
+        async def brokenBounce(*args: object, **kwargs: object) -> None:
+            raise SpoolError("No space left on device", insufficientStorage=True)
+
+        queueId = self.queue("ok@example.net", "gone@example.net", "later@example.net")
+        self.patch(retryModule, "queueBounce", brokenBounce)
+        self.answer(
+            0,
+            DeliveryReport(
+                delivered=("ok@example.net",),
+                failed={"gone@example.net": "550 5.1.1 No such user"},
+                deferred={"later@example.net": "451 4.2.0 later"},
+            ),
+        )
+        self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
+        self.assertIn(queueId, self.spool.queued())
+        self.clock.advance(3600)
+        self.assertEqual(
+            self.agent.calls[1][0].recipients, ("gone@example.net", "later@example.net")
+        )
+
+    def test_corruptEnvelopeQuarantined(self) -> None:
+        """
+        An envelope that cannot be read is moved to corrupt/ instead of
+        being retried for ever.
+        """
+        queueId = self.queue()
+        self.successResultOf(self.runner.stopService())
+        with open(self.spool._envelopePath(queueId), "w") as f:
+            f.write("{ not json")
+        runner = QueueRunner(self.spool, self.agent, self.clock)
+        runner.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.spool.queued(), [])
+        self.assertIn(
+            queueId + ".env", os.listdir(os.path.join(self.spool.directory, "corrupt"))
+        )
+        self.assertEqual(len(self.agent.calls), 0)
+
+    def test_noNewDeliveriesWhenStopping(self) -> None:
+        """
+        Stopping lets the deliveries under way finish but starts none of
+        those still waiting for a slot (they stay queued for the next
+        start).
+        """
+        self.successResultOf(self.runner.stopService())
+        runner = QueueRunner(self.spool, self.agent, self.clock, maxConcurrent=1)
+        for _ in range(3):
+            self.queue()
+        runner.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.agent.calls), 1)
+        stopped = runner.stopService()
+        self.agent.calls[0][2].callback(DeliveryReport(delivered=("bob@example.net",)))
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.agent.calls), 1)
+        self.assertEqual(len(self.spool.queued()), 2)
+        self.assertEqual(runner.flush(), 0)
+
+    def test_adminHoldsMessage(self) -> None:
+        """
+        While an admin command works on a message, no attempt starts on it,
+        and a second command gets L{QueueBusy}.
+        """
+        queueId = self.queue()
+        self.answer(0, DeliveryReport(deferred={"bob@example.net": "451 later"}))
+        gate: Deferred[None] = Deferred()
+        self.patch(self.spool, "remove", lambda queueId: gate)
+        deleting = self.runner.delete(queueId)
+        self.failureResultOf(self.runner.bounce(queueId), QueueBusy)
+        self.assertEqual(self.runner.flush(), 0)
+        self.clock.advance(3600)
+        self.assertEqual(len(self.agent.calls), 1)
+        gate.callback(None)
+        self.successResultOf(deleting)

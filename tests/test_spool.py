@@ -183,7 +183,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         names = [f.__name__ for f in self.runner.calls]
         self.assertEqual(
             names,
-            ["_writeChunk", "_commitInThread", "writeFileDurably", "removeInThread"],
+            ["_writeChunk", "_commitInThread", "saveInThread", "removeInThread"],
         )
 
     def test_fsync(self) -> None:

@@ -63,6 +63,7 @@ log = Logger()
 ConnectAddress = Callable[[str, int, RelayClientFactory], "Deferred[RelayClient]"]
 """Connects a factory to C{(ip, port)}: L{MXDelivery}'s connector seam."""
 
+LOCAL_ADDRESS_REPLY = "550 5.4.4 refusing to deliver to a local or reserved address"
 NULL_MX_REPLY = "556 5.1.10 domain does not accept mail (null MX)"
 NOT_FOUND_REPLY = "550 5.1.2 domain not found"
 NO_ADDRESS_REPLY = "550 5.1.2 domain has no MX or address records"
@@ -281,6 +282,7 @@ class MXDelivery:
         connect: ConnectAddress | None = None,
         tlsOptions: Any = None,
         linger: float = 2.0,
+        allowLoopback: bool = False,
     ) -> None:
         """
         @param reactor: for connections (unless C{connect} is given) and
@@ -298,6 +300,8 @@ class MXDelivery:
         @param tlsOptions: the STARTTLS context factory; unverified
             L{ssl.CertificateOptions} by default.
         @param linger: seconds an idle connection waits for another message.
+        @param allowLoopback: whether loopback addresses may be delivered to
+            (only for tests on one machine).
         """
         self.reactor = reactor
         # IResolver's annotations do not match what its lookups take and
@@ -309,6 +313,7 @@ class MXDelivery:
         self.connectTimeout = connectTimeout
         self.timeout = timeout
         self.random = random if random is not None else Random()
+        self.allowLoopback = allowLoopback
         self._connect = connect if connect is not None else self._tcpConnect
         self.tlsOptions = (
             tlsOptions
@@ -375,6 +380,19 @@ class MXDelivery:
                 envelope, f"local error delivering to {domain}", permanent=False
             )
 
+    def _usable(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """
+        Whether mail may go to C{address}: never to unspecified, multicast,
+        link-local or reserved addresses, nor to loopback (an address
+        literal or an MX pointing at ourselves would loop, or reach services
+        on this host) unless C{allowLoopback} was given (tests).
+        """
+        if address.is_unspecified or address.is_multicast or address.is_link_local:
+            return False
+        if address.is_loopback:
+            return self.allowLoopback
+        return not address.is_reserved
+
     async def _tryDestinations(
         self, domain: str, envelope: Envelope, messagePath: str
     ) -> DeliveryReport:
@@ -437,6 +455,8 @@ class MXDelivery:
         except ValueError:
             raise _Outcome(BAD_DOMAIN_REPLY, permanent=True) from None
         if literal is not None:
+            if not self._usable(ipaddress.ip_address(literal)):
+                raise _Outcome(LOCAL_ADDRESS_REPLY, permanent=True)
             return [_Destination(domain, (literal,))], False
         try:
             name = domain.rstrip(".").encode("idna").decode("ascii")
@@ -505,7 +525,7 @@ class MXDelivery:
                     if rr.type != wanted or rr.payload is None:
                         continue
                     address = ipaddress.ip_address(rr.payload.address)
-                    if address.is_unspecified or address.is_multicast:
+                    if not self._usable(address):
                         continue
                     if str(address) not in found:
                         found.append(str(address))
