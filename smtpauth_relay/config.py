@@ -82,8 +82,10 @@ class ServerConfig:
     @ivar max_connections: The most simultaneous client connections.
     @ivar max_connections_per_ip: The most simultaneous connections from one
         client address.
-    @ivar idle_timeout: Seconds a client may stay silent before it is
-        disconnected.
+    @ivar idle_timeout: Seconds a client may stay silent between commands
+        before it is disconnected.
+    @ivar data_timeout: Seconds a client may stay silent inside DATA.
+    @ivar max_session_time: Seconds a session may last in all.
     @ivar max_line_length: The longest command or text line accepted, in
         octets including CRLF (RFC 5321 section 4.5.3.1.6 sets 1000).
     @ivar reverse_dns: Whether to look up the client's host name for the
@@ -96,6 +98,8 @@ class ServerConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     idle_timeout: float = 300.0
+    data_timeout: float = 300.0
+    max_session_time: float = 3600.0
     max_line_length: int = 1000
     reverse_dns: bool = False
 
@@ -294,6 +298,8 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "max_connections",
         "max_connections_per_ip",
         "idle_timeout",
+        "data_timeout",
+        "max_session_time",
         "max_line_length",
         "reverse_dns",
     ),
@@ -1123,6 +1129,8 @@ class _Validator:
         ):
             serverTable.integer(key)
         serverTable.duration("idle_timeout")
+        serverTable.duration("data_timeout")
+        serverTable.duration("max_session_time")
         serverTable.integer("max_line_length", minimum=80)
         serverTable.boolean("reverse_dns")
         server = ServerConfig(**serverTable.values)

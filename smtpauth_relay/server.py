@@ -65,7 +65,7 @@ from smtpauth_relay.sasl import (
 )
 from smtpauth_relay.senders import SenderLoginMap, headerFromAddresses
 from smtpauth_relay.submission import MessageIntake
-from smtpauth_relay.trace import TLSInfo, receivedHeader, sanitiseHelo
+from smtpauth_relay.trace import TLSInfo, logSafe, receivedHeader, sanitiseHelo
 
 log = Logger()
 
@@ -124,6 +124,8 @@ class SessionSettings:
     requireTLS: bool = True
     tlsMode: str = "starttls"
     sessionMaxAuthFailures: int = 3
+    dataTimeout: float = 300.0
+    maxSessionTime: float = 3600.0
 
 
 class ConnectionLimiter:
@@ -261,6 +263,7 @@ class RelayESMTP(smtp.ESMTP):
         self._accepted = 0
         self._reverseName: str | None = None
         self._authFailures = 0
+        self._sessionCall: Any = None
         self._abortCall: Any = None
         self._handshakePending = self._secure
         self._shuttingDown = False
@@ -299,6 +302,9 @@ class RelayESMTP(smtp.ESMTP):
         self._producing = True
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpauth-relay"))
         self.setTimeout(self.settings.idleTimeout)
+        self._sessionCall = self.clock.callLater(
+            self.settings.maxSessionTime, self._sessionTooLong
+        )
 
     def handshakeCompleted(self) -> None:
         """
@@ -332,6 +338,9 @@ class RelayESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._sessionCall is not None and self._sessionCall.active():
+            self._sessionCall.cancel()
+        self._sessionCall = None
         if self._abortCall is not None and self._abortCall.active():
             self._abortCall.cancel()
         if self._intake is not None:
@@ -347,7 +356,7 @@ class RelayESMTP(smtp.ESMTP):
             peer=self._peer,
             duration=self.clock.seconds() - self._started,
             tls=self._secure,
-            user=self._submitter.username if self._submitter else None,
+            user=logSafe(self._submitter.username) if self._submitter else None,
             accepted=self._accepted,
             errors=self._errors,
         )
@@ -355,6 +364,21 @@ class RelayESMTP(smtp.ESMTP):
     def _gotReverseName(self, name: str | None) -> None:
         if name is not None:
             self._reverseName = name
+
+    def _timeoutNow(self) -> float:
+        """
+        The inactivity limit for the session's state: between commands, or
+        inside DATA.
+        """
+        if self._mode == "data":
+            return self.settings.dataTimeout
+        return self.settings.idleTimeout
+
+    def _sessionTooLong(self) -> None:
+        self._sessionCall = None
+        log.info("session from {peer} reached max_session_time", peer=self._peer)
+        self.reply(replies.SESSION_TOO_LONG)
+        self._close()
 
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {peer}", peer=self._peer)
@@ -557,7 +581,7 @@ class RelayESMTP(smtp.ESMTP):
             self._busy = False
             if self.transport.disconnecting:
                 return
-            self.setTimeout(self.settings.idleTimeout)
+            self.setTimeout(self._timeoutNow())
             self._updateReading()
             self._processBuffer()
 
@@ -749,7 +773,7 @@ class RelayESMTP(smtp.ESMTP):
             log.info(
                 "AUTH {mechanism} for {user} from {peer} refused: {key} locked",
                 mechanism=mechanism.name,
-                user=username,
+                user=logSafe(username),
                 peer=self._peer,
                 key=lock.key,
                 result="locked",
@@ -772,7 +796,7 @@ class RelayESMTP(smtp.ESMTP):
         log.info(
             "AUTH {mechanism} ok for {user} from {peer}",
             mechanism=submitter.mechanism,
-            user=submitter.username,
+            user=logSafe(submitter.username),
             peer=self._peer,
             result="success",
         )
@@ -785,7 +809,7 @@ class RelayESMTP(smtp.ESMTP):
             log.warn(
                 "AUTH {mechanism} for {user} from {peer}: checker unavailable",
                 mechanism=mechanism,
-                user=username,
+                user=logSafe(username),
                 peer=self._peer,
                 result="unavailable",
             )
@@ -810,7 +834,7 @@ class RelayESMTP(smtp.ESMTP):
         log.info(
             "AUTH {mechanism} failed for {user} from {peer}: {why}",
             mechanism=mechanism,
-            user=username,
+            user=logSafe(username or ""),
             peer=self._peer,
             why=why,
             result="failure",
@@ -868,7 +892,7 @@ class RelayESMTP(smtp.ESMTP):
             if refusal is not None:
                 log.info(
                     "{user} from {peer} may not send as <{sender}>: {reason}",
-                    user=user,
+                    user=logSafe(user),
                     peer=self._peer,
                     sender=mail.sender,
                     reason=str(refusal),
@@ -942,6 +966,7 @@ class RelayESMTP(smtp.ESMTP):
             maxLineLength=self.settings.maxLineLength,
         )
         self._mode = "data"
+        self.setTimeout(self.settings.dataTimeout)
         self.reply(replies.START_DATA)
 
     def _tlsInfo(self) -> TLSInfo | None:
@@ -981,6 +1006,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def _endData(self, intake: MessageIntake) -> None:
         self._mode = "command"
+        self.setTimeout(self.settings.idleTimeout)
         self._intake = None
         mail = self._mail
         assert mail is not None

@@ -71,6 +71,8 @@ def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
         maxMessageSize=server.max_message_size,
         maxRecipients=server.max_recipients,
         idleTimeout=server.idle_timeout,
+        dataTimeout=server.data_timeout,
+        maxSessionTime=server.max_session_time,
         maxLineLength=server.max_line_length,
         mechanisms=config.auth.mechanisms,
         requireTLS=config.auth.require_tls,

@@ -24,6 +24,16 @@ def sanitiseHelo(helo: bytes) -> str:
     return _HELO_SAFE.sub(b"_", helo.strip()[:MAX_HELO]).decode("ascii") or "unknown"
 
 
+def logSafe(text: str, limit: int = 256) -> str:
+    """
+    A client-controlled string (an AUTH identity) made safe for one log
+    line: backslashes, control and non-ASCII characters are escaped
+    (C{\\r}, C{\\x00}, C{\\xe9}), so a CR or LF cannot start a forged
+    line; cut at C{limit} characters.
+    """
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
 def addressLiteral(host: str) -> str:
     """
     The RFC 5321 address literal for a peer: C{[192.0.2.1]} or

@@ -9,6 +9,7 @@ from email.utils import formatdate
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -1691,3 +1692,65 @@ class LoopTests(SynchronousTestCase):
         received = b"Received: from a by b; Fri, 1 Jan 2027 00:00:00 +0000\r\n" * 49
         replies = session.send(received + b"Subject: x\r\n\r\nbody\r\n.\r\n")
         self.assertTrue(replies[0].startswith(b"250 "))
+
+
+class SessionTimeTests(SynchronousTestCase):
+    def test_dataTimeout(self) -> None:
+        """
+        Inside DATA the inactivity limit is data_timeout, not idle_timeout.
+        """
+        harness = Harness(idleTimeout=300, dataTimeout=30)
+        session = authenticated(harness)
+        transaction(session)
+        harness.clock.advance(29)
+        session.send(b"Subject: x\r\n")
+        harness.clock.advance(29)
+        self.assertFalse(session.closed())
+        harness.clock.advance(1)
+        self.assertEqual(
+            session.read(), [b"421 4.4.2 Idle timeout; closing connection"]
+        )
+        self.assertTrue(session.closed())
+
+    def test_idleTimeoutAfterData(self) -> None:
+        """
+        After the message, idle_timeout applies again.
+        """
+        harness = Harness(idleTimeout=300, dataTimeout=30)
+        session = authenticated(harness)
+        transaction(session)
+        session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        harness.clock.advance(100)
+        self.assertFalse(session.closed())
+
+    def test_maxSessionTime(self) -> None:
+        """
+        A session, however busy, ends after max_session_time with 421
+        4.4.2.
+        """
+        harness = Harness(maxSessionTime=600)
+        session = harness.connect()
+        for _ in range(10):
+            harness.clock.advance(59)
+            session.command(b"NOOP")
+        self.assertFalse(session.closed())
+        harness.clock.advance(10)
+        self.assertEqual(
+            session.read(),
+            [b"421 4.4.2 Session time limit reached; closing connection"],
+        )
+        self.assertTrue(session.closed())
+
+    def test_authIdentityLogSafe(self) -> None:
+        """
+        An AUTH identity with CR/LF cannot forge a log line.
+        """
+        harness = Harness()
+        session = harness.connect()
+        session.startTLS()
+        session.command(b"EHLO client.example")
+        with capturedLogs() as events:
+            session.command(b"AUTH PLAIN " + plain("x\r\nlockout start kind=ip", "y"))
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertNotIn("\nlockout start", text)
+        self.assertIn("x\\r\\nlockout start", text)
