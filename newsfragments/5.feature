@@ -6,3 +6,6 @@ in ``etc/fail2ban/``; ``smtpauth-relay lockout list|clear`` shows and ends locks
 ``[relay] sender_login_map`` limits the MAIL FROM addresses each user may use
 (553 5.7.1 otherwise), optionally the From: header too (``check_header_from``).
 Messages with more than 50 Received headers are refused as mail loops.
+``[limits]``: messages and recipients per user per hour (451 4.7.1), connections
+per address per minute and messages per session (421 4.7.0). ``[server]
+data_timeout`` and ``max_session_time`` end slow or endless sessions.

@@ -207,6 +207,24 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """
+    C{[limits]}: what one login or one address may do (0: no limit).
+
+    @ivar messages_per_hour: messages per user per sliding hour.
+    @ivar recipients_per_hour: recipients per user per sliding hour.
+    @ivar connections_per_minute: new connections per client address per
+        sliding minute.
+    @ivar messages_per_session: messages in one session.
+    """
+
+    messages_per_hour: int = 200
+    recipients_per_hour: int = 1000
+    connections_per_minute: int = 60
+    messages_per_session: int = 100
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """
     C{[queue]}: the spool and its retries.
@@ -288,6 +306,7 @@ class Config:
     queue: QueueConfig
     delivery: DeliveryConfig
     path: str
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -322,6 +341,12 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "sender_login_map",
         "sender_plus_tags",
         "check_header_from",
+    ),
+    "limits": (
+        "messages_per_hour",
+        "recipients_per_hour",
+        "connections_per_minute",
+        "messages_per_session",
     ),
     "queue": (
         "directory",
@@ -1175,6 +1200,11 @@ class _Validator:
             relayTable.report("check_header_from", "needs sender_login_map")
         relay = RelayConfig(**relayTable.values)
 
+        limitsTable = self.table(data, "limits")
+        for key in _SECTION_KEYS["limits"]:
+            limitsTable.integer(key, minimum=0)
+        limits = LimitsConfig(**limitsTable.values)
+
         queueTable = self.table(data, "queue")
         self.queue(queueTable)
         queue = QueueConfig(**queueTable.values)
@@ -1197,6 +1227,7 @@ class _Validator:
             queue=queue,
             delivery=delivery,
             path=self.path,
+            limits=limits,
         )
 
     def unknownTopLevel(self, name: str, value: object) -> None:

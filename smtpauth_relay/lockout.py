@@ -93,6 +93,17 @@ class ILockoutStore(Interface):
         Drop what is over; return the keys whose lock just ended.
         """
 
+    def hit(key: str, now: float, window: float, amount: int = 1) -> int:
+        """
+        Add C{amount} to the sliding-window counter C{key}; return its total
+        within C{window} (rate limits).
+        """
+
+    def total(key: str, now: float, window: float) -> int:
+        """
+        The total of counter C{key} within C{window}, without adding.
+        """
+
     def recordSuccess(user: str, address: str, now: float) -> None:
         """
         C{user} logged in from C{address}.
@@ -115,6 +126,7 @@ class MemoryLockoutStore:
         self._locked: dict[str, float] = {}
         self._history: dict[str, list[float]] = {}
         self._successes: dict[tuple[str, str], float] = {}
+        self._counters: dict[str, deque[tuple[float, int]]] = {}
 
     def recordFailure(self, key: str, now: float, window: float) -> int:
         times = self._failures.setdefault(key, deque())
@@ -154,7 +166,25 @@ class MemoryLockoutStore:
             k for k, t in self._failures.items() if not t or t[-1] <= now - window
         ]:
             del self._failures[key]
+        for key in list(self._counters):
+            # Rate counters span an hour at most.
+            self.total(key, now, 3600.0)
         return ended
+
+    def hit(self, key: str, now: float, window: float, amount: int = 1) -> int:
+        self._counters.setdefault(key, deque()).append((now, amount))
+        return self.total(key, now, window)
+
+    def total(self, key: str, now: float, window: float) -> int:
+        entries = self._counters.get(key)
+        if not entries:
+            return 0
+        while entries and entries[0][0] <= now - window:
+            entries.popleft()
+        if not entries:
+            del self._counters[key]
+            return 0
+        return sum(amount for _, amount in entries)
 
     def recordSuccess(self, user: str, address: str, now: float) -> None:
         self._successes[(user, address)] = now

@@ -111,6 +111,14 @@ SPOOL_FAILED = Reply(
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections; try again later")
+TOO_MANY_CONNECTIONS_RATE = Reply(
+    421, "4.7.0", "Too many connections per minute from your address; try again later"
+)
+TOO_MANY_MESSAGES_IN_SESSION = Reply(
+    421, "4.7.0", "Too many messages in one session; please reconnect"
+)
+MESSAGE_RATE = Reply(451, "4.7.1", "Hourly message limit reached; try again later")
+RECIPIENT_RATE = Reply(451, "4.7.1", "Hourly recipient limit reached; try again later")
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout; closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit reached; closing connection")

@@ -52,6 +52,7 @@ from smtpauth_relay.auth import LoginContext, Submitter, login
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
 from smtpauth_relay.interfaces import ISpool
+from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.rdns import confirmedName
@@ -281,6 +282,10 @@ class RelayESMTP(smtp.ESMTP):
         self._started = self.clock.seconds()
         refusal = self.factory.limiter.open(self._peer, self)
         self._counted = True
+        limits = self.factory.limits
+        if refusal is None and limits is not None:
+            if not limits.connectionAllowed(self._peer):
+                refusal = replies.TOO_MANY_CONNECTIONS_RATE
         if refusal is not None:
             log.info(
                 "refused connection from {peer}: {reason}",
@@ -886,6 +891,16 @@ class RelayESMTP(smtp.ESMTP):
         if not self.factory.policy.mayRelay(self._peer, user):
             self._error(replies.AUTH_REQUIRED)
             return
+        limits = self.factory.limits
+        if user is not None and limits is not None:
+            perSession = limits.settings.messages_per_session
+            if perSession and self._accepted >= perSession:
+                self.reply(replies.TOO_MANY_MESSAGES_IN_SESSION)
+                self._close()
+                return
+            if not limits.messageAllowed(user):
+                self._error(replies.MESSAGE_RATE)
+                return
         senders = self.factory.senders
         if senders is not None and user is not None:
             refusal = senders.mayUse(user, mail.sender)
@@ -932,6 +947,14 @@ class RelayESMTP(smtp.ESMTP):
             return
         if len(self._recipients) >= self.settings.maxRecipients:
             self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        limits = self.factory.limits
+        if (
+            user is not None
+            and limits is not None
+            and not limits.recipientAllowed(user, len(self._recipients))
+        ):
+            self.reply(replies.RECIPIENT_RATE)
             return
         self._recipients.append(recipient)
         self.reply(replies.RECIPIENT_OK)
@@ -1072,6 +1095,10 @@ class RelayESMTP(smtp.ESMTP):
 
     def _queued(self, queueId: str, envelope: Envelope) -> None:
         self._accepted += 1
+        if self.factory.limits is not None and envelope.authUser is not None:
+            self.factory.limits.messageQueued(
+                envelope.authUser, len(envelope.recipients)
+            )
         log.info(
             "accepted {queueId} from {peer}: size={size} sender=<{sender}> "
             "recipients={recipientCount} user={user}",
@@ -1114,6 +1141,7 @@ class RelayServerFactory(protocol.ServerFactory):
         lockout: Lockout | None = None,
         senders: SenderLoginMap | None = None,
         checkHeaderFrom: bool = False,
+        limits: RateLimits | None = None,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
@@ -1132,6 +1160,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.lockout = lockout
         self.senders = senders
         self.checkHeaderFrom = checkHeaderFrom
+        self.limits = limits
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

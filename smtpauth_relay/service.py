@@ -29,6 +29,7 @@ from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.interfaces import IDeliveryAgent
+from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.retry import QueueRunner
@@ -127,6 +128,7 @@ def makeRelayService(
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
     lockout = Lockout(config.auth.lockout, reactor)
+    limits = RateLimits(config.limits, reactor, lockout.store)
     senders = (
         SenderLoginMap(config.relay.sender_login_map, config.relay.sender_plus_tags)
         if config.relay.sender_login_map
@@ -147,6 +149,7 @@ def makeRelayService(
             lockout,
             senders,
             config.relay.check_header_from,
+            limits,
         )
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"

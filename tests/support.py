@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from zope.interface import directlyProvides
 
 from smtpauth_relay.auth import makePortal
-from smtpauth_relay.config import LockoutConfig
+from smtpauth_relay.config import LimitsConfig, LockoutConfig
+from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.server import (
@@ -54,6 +55,7 @@ class Harness:
         maxConnections: int = 100,
         maxPerAddress: int = 20,
         lockout: LockoutConfig | None = None,
+        limits: LimitsConfig | None = None,
         **settings: Any,
     ) -> None:
         self.clock = Clock()
@@ -78,6 +80,7 @@ class Harness:
             self.clock,
             CONTEXT,
             lockout=Lockout(lockout, self.clock) if lockout is not None else None,
+            limits=RateLimits(limits, self.clock) if limits is not None else None,
         )
 
     def connect(self, peer: str = "192.0.2.10") -> Session:

@@ -677,9 +677,9 @@ class StructureTests(ConfigTestCase):
         closest known name when there is one.
         """
         self.assertEqual(
-            self.problemsOf(complete("[limits]\nrate = 5\n\n[servr]\n")),
+            self.problemsOf(complete("[metrix]\nrate = 5\n\n[servr]\n")),
             [
-                "relay.toml:1: [limits]: unknown section",
+                "relay.toml:1: [metrix]: unknown section",
                 'relay.toml:4: [servr]: unknown section; did you mean "server"?',
             ],
         )
@@ -839,6 +839,22 @@ class StructureTests(ConfigTestCase):
                 "relay.toml:8: [auth.lockout] maxfailures: unknown key; did you mean "
                 '"max_failures"?',
             ],
+        )
+
+    def test_limits(self) -> None:
+        """
+        C{[limits]} loads; 0 means no limit; negative numbers are refused.
+        """
+        config = parseConfig(
+            complete("[limits]\nmessages_per_hour = 0\nrecipients_per_hour = 50\n"),
+            "relay.toml",
+        )
+        self.assertEqual(config.limits.messages_per_hour, 0)
+        self.assertEqual(config.limits.recipients_per_hour, 50)
+        self.assertEqual(config.limits.connections_per_minute, 60)
+        self.assertEqual(
+            self.problemsOf(complete("[limits]\nmessages_per_session = -1\n")),
+            ["relay.toml:2: [limits] messages_per_session: must be at least 0, got -1"],
         )
 
     def test_lockout(self) -> None:

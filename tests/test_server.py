@@ -13,7 +13,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smtpauth_relay.config import LockoutConfig
+from smtpauth_relay.config import LimitsConfig, LockoutConfig
 from smtpauth_relay.errors import SpoolError
 from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.testing import TLSStringTransport, spoolFull
@@ -1754,3 +1754,92 @@ class SessionTimeTests(SynchronousTestCase):
         text = "\n".join(formatEvent(e) for e in events)
         self.assertNotIn("\nlockout start", text)
         self.assertIn("x\\r\\nlockout start", text)
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_messagesPerHour(self) -> None:
+        """
+        A user past messages_per_hour gets 451 4.7.1 at MAIL, until the hour
+        has passed.
+        """
+        harness = Harness(limits=LimitsConfig(messages_per_hour=2))
+        session = authenticated(harness)
+        for _ in range(2):
+            transaction(session)
+            session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual(
+            session.last(b"MAIL FROM:<alice@example.org>"),
+            b"451 4.7.1 Hourly message limit reached; try again later",
+        )
+        harness.clock.advance(3600)
+        later = authenticated(harness)
+        self.assertEqual(
+            later.last(b"MAIL FROM:<alice@example.org>"), b"250 2.1.0 Sender ok"
+        )
+
+    def test_recipientsPerHour(self) -> None:
+        """
+        Recipients count towards recipients_per_hour, including those of the
+        transaction under way.
+        """
+        harness = Harness(limits=LimitsConfig(recipients_per_hour=3))
+        session = authenticated(harness)
+        transaction(session, b"a@example.net", b"b@example.net")
+        session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        session.command(b"MAIL FROM:<alice@example.org>")
+        self.assertEqual(
+            session.last(b"RCPT TO:<c@example.net>"), b"250 2.1.5 Recipient ok"
+        )
+        self.assertEqual(
+            session.last(b"RCPT TO:<d@example.net>"),
+            b"451 4.7.1 Hourly recipient limit reached; try again later",
+        )
+
+    def test_limitsPerUser(self) -> None:
+        """
+        One user's limit does not hold back another user.
+        """
+        harness = Harness(limits=LimitsConfig(messages_per_hour=1))
+        alice = authenticated(harness)
+        transaction(alice)
+        alice.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        bob = harness.connect("192.0.2.11")
+        bob.startTLS()
+        self.assertEqual(
+            bob.login("bob", "builder"), b"235 2.7.0 Authentication successful"
+        )
+        self.assertEqual(
+            bob.last(b"MAIL FROM:<bob@example.org>"), b"250 2.1.0 Sender ok"
+        )
+
+    def test_connectionsPerMinute(self) -> None:
+        """
+        Past connections_per_minute from one address, new connections get
+        421 4.7.0; a minute later they are served again.
+        """
+        harness = Harness(limits=LimitsConfig(connections_per_minute=2))
+        for _ in range(2):
+            harness.connect().protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual(
+            harness.connect().greeting,
+            [
+                b"421 4.7.0 Too many connections per minute from your address; try again later"
+            ],
+        )
+        harness.clock.advance(60)
+        self.assertTrue(harness.connect().greeting[0].startswith(b"220 "))
+
+    def test_messagesPerSession(self) -> None:
+        """
+        After messages_per_session messages the session is closed with 421
+        4.7.0 at the next MAIL.
+        """
+        harness = Harness(limits=LimitsConfig(messages_per_session=1))
+        session = authenticated(harness)
+        transaction(session)
+        session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual(
+            session.command(b"MAIL FROM:<alice@example.org>"),
+            [b"421 4.7.0 Too many messages in one session; please reconnect"],
+        )
+        self.assertTrue(session.closed())
