@@ -37,6 +37,7 @@ from twisted.internet.testing import MemoryReactor
 from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.tls import keyMatches, loadCertificates, loadPrivateKey
+from smtpauth_relay.usernetworks import UserNetworks
 
 __all__ = [
     "AuthConfig",
@@ -181,6 +182,7 @@ class AuthConfig:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     require_tls: bool = True
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
+    allowed_networks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "tls": ("certificate", "private_key", "minimum_version"),
     "listener": ("endpoint", "tls"),
-    "auth": ("checkers", "mechanisms", "require_tls", "lockout"),
+    "auth": ("checkers", "mechanisms", "require_tls", "lockout", "allowed_networks"),
     "auth.lockout": (
         "max_failures",
         "subnet_max_failures",
@@ -1179,6 +1181,14 @@ class _Validator:
         self.mechanisms(authTable)
         authTable.boolean("require_tls")
         authTable.values["lockout"] = self.lockout(authTable)
+        authTable.path("allowed_networks", emptyIsUnset=True)
+        if authTable.values.get("allowed_networks"):
+            try:
+                UserNetworks(authTable.values["allowed_networks"])
+            except OSError as e:
+                authTable.report("allowed_networks", f"{e.strerror}: {e.filename}")
+        else:
+            authTable.values.pop("allowed_networks", None)
         auth = AuthConfig(**authTable.values)
 
         relayTable = self.table(data, "relay")

@@ -65,6 +65,7 @@ import idna
 from twisted.logger import Logger
 
 from smtpauth_relay.htpasswd import validateUsername
+from smtpauth_relay.watchedfile import WatchedFile
 
 __all__ = [
     "Refusal",
@@ -466,9 +467,7 @@ class SenderLoginMap:
         """
         self.path = path
         self.plusTags = plusTags
-        self._signature: _Signature | None = None
-        self._grants: dict[str, SenderGrants] = {}
-        self._problem: str | None = None
+        self._file = WatchedFile(path, parseSenderLoginMap, "sender login map")
         try:
             os.stat(path)
         except FileNotFoundError:
@@ -484,51 +483,15 @@ class SenderLoginMap:
         The map as the file holds it now, read again only if it changed.
 
         @return: The grants by user, or a temporary L{Refusal} if the file
-            cannot be read.
+            cannot be read (never the last contents: fail closed).
         """
         try:
-            info = os.stat(self.path)
+            return self._file.current()
         except OSError as e:
-            return self._unavailable(e)
-        signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        if signature == self._signature:
-            return self._grants
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return self._unavailable(e)
-        self._grants = parseSenderLoginMap(data, self.path)
-        self._signature = signature
-        self._problem = None
-        self.log.info(
-            "Loaded sender addresses for {count} users from sender login map {path}",
-            path=self.path,
-            count=len(self._grants),
-        )
-        return self._grants
-
-    def _unavailable(self, error: OSError) -> Refusal:
-        """
-        Forget what was read, and log (once while it lasts) that the file
-        cannot be read.
-
-        @return: The refusal every check gets meanwhile.
-        """
-        problem = error.strerror or str(error)
-        self._signature = None
-        self._grants = {}
-        if problem != self._problem:
-            self.log.error(
-                "Cannot read sender login map {path}: {problem}",
-                path=self.path,
-                problem=problem,
+            return Refusal(
+                f"the sender login map cannot be read ({_shown(e.strerror or str(e))})",
+                temporary=True,
             )
-            self._problem = problem
-        return Refusal(
-            f"the sender login map cannot be read ({_shown(problem)})",
-            temporary=True,
-        )
 
     def mayUse(self, user: str, sender: str) -> Refusal | None:
         """

@@ -67,6 +67,7 @@ from smtpauth_relay.sasl import (
 from smtpauth_relay.senders import SenderLoginMap, headerFromAddresses
 from smtpauth_relay.submission import MessageIntake
 from smtpauth_relay.trace import TLSInfo, logSafe, receivedHeader, sanitiseHelo
+from smtpauth_relay.usernetworks import UserNetworks
 
 log = Logger()
 
@@ -794,7 +795,14 @@ class RelayESMTP(smtp.ESMTP):
         )
         return d
 
-    def _authSucceeded(self, submitter: Submitter) -> None:
+    def _authSucceeded(self, submitter: Submitter) -> Deferred[None] | None:
+        networks = self.factory.userNetworks
+        if networks is not None and not networks.mayLogIn(
+            submitter.username, self._peer
+        ):
+            return self._authFailed(
+                submitter.mechanism, "not allowed from this network", submitter.username
+            )
         self._submitter = submitter
         if self.factory.lockout is not None:
             self.factory.lockout.succeeded(self._peer, submitter.username)
@@ -806,6 +814,7 @@ class RelayESMTP(smtp.ESMTP):
             result="success",
         )
         self.reply(replies.AUTH_OK)
+        return None
 
     def _authError(
         self, failure: Failure, mechanism: str, username: str
@@ -1142,6 +1151,7 @@ class RelayServerFactory(protocol.ServerFactory):
         senders: SenderLoginMap | None = None,
         checkHeaderFrom: bool = False,
         limits: RateLimits | None = None,
+        userNetworks: UserNetworks | None = None,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
@@ -1161,6 +1171,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.senders = senders
         self.checkHeaderFrom = checkHeaderFrom
         self.limits = limits
+        self.userNetworks = userNetworks
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

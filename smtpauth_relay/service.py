@@ -42,6 +42,7 @@ from smtpauth_relay.server import (
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import serverContextFactory
+from smtpauth_relay.usernetworks import UserNetworks
 
 log = Logger()
 
@@ -129,6 +130,11 @@ def makeRelayService(
 
     lockout = Lockout(config.auth.lockout, reactor)
     limits = RateLimits(config.limits, reactor, lockout.store)
+    userNetworks = (
+        UserNetworks(config.auth.allowed_networks)
+        if config.auth.allowed_networks
+        else None
+    )
     senders = (
         SenderLoginMap(config.relay.sender_login_map, config.relay.sender_plus_tags)
         if config.relay.sender_login_map
@@ -150,6 +156,7 @@ def makeRelayService(
             senders,
             config.relay.check_header_from,
             limits,
+            userNetworks,
         )
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"
