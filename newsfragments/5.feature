@@ -9,3 +9,7 @@ Messages with more than 50 Received headers are refused as mail loops.
 ``[limits]``: messages and recipients per user per hour (451 4.7.1), connections
 per address per minute and messages per session (421 4.7.0). ``[server]
 data_timeout`` and ``max_session_time`` end slow or endless sessions.
+``smtpauth-relay passwd`` refuses weak passwords (length, user name or domain in
+it, zxcvbn's estimate) unless ``--force``; ``smtpauth-relay audit FILE`` finds
+accounts whose password is among the most common ones. ``[auth]
+allowed_networks`` restricts where each user may log in from.

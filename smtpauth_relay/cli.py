@@ -14,7 +14,11 @@ usage: smtpauth-relay COMMAND [ARGS]
 
 commands:
   check-config PATH     validate a configuration file (exit 0 if valid)
-  passwd FILE USER      add or replace USER in a password file (bcrypt)
+  passwd FILE USER [--force]
+                        add or replace USER in a password file (bcrypt);
+                        weak passwords refused unless --force
+  audit FILE [--time-limit SECONDS] [--top N] [--jobs N]
+                        try the most common passwords against every hash
   queue --config PATH list|show ID|flush|delete ID|bounce ID
                         see and steer the delivery queue
   lockout --config PATH list|clear TARGET
@@ -50,6 +54,12 @@ def _lockout(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     return lockoutCommand(argv, stdout, stderr)
 
 
+def _audit(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.audit import auditCommand
+
+    return auditCommand(argv, stdout, stderr)
+
+
 def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     from smtpauth_relay.demo import demoCommand
 
@@ -61,6 +71,7 @@ COMMANDS: dict[str, Callable[[list[str], TextIO, TextIO], int]] = {
     "passwd": _passwd,
     "queue": _queue,
     "lockout": _lockout,
+    "audit": _audit,
     "demo": _demo,
 }
 

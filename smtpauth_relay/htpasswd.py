@@ -22,6 +22,7 @@ from typing import TextIO
 from twisted.logger import Logger
 
 from smtpauth_relay import passwords
+from smtpauth_relay.passwordpolicy import checkPassword
 
 __all__ = ["parseHtpasswd", "passwdCommand", "setUser", "validateUsername"]
 
@@ -287,7 +288,7 @@ def _fsyncDirectory(directory: str) -> None:
         os.close(fd)
 
 
-_USAGE = "usage: smtpauth-relay passwd FILE USER\n"
+_USAGE = "usage: smtpauth-relay passwd FILE USER [--force]\n"
 _HELP = (
     _USAGE
     + """
@@ -295,6 +296,10 @@ Add USER to the password file FILE, or change USER's password, with a bcrypt
 hash. The password is read from standard input (one line) when it is not a
 terminal, else asked for twice. FILE is created (mode 0640) if it does not
 exist; other lines are kept.
+
+A weak password is refused: one shorter than 12 characters, one containing
+the user name or (for a USER like alice@example.org) the domain, or one easy
+to guess by zxcvbn's estimate. --force sets it anyway, with a warning.
 """
 )
 
@@ -309,15 +314,23 @@ def passwdCommand(
     rounds: int = passwords.DEFAULT_BCRYPT_ROUNDS,
 ) -> int:
     """
-    C{smtpauth-relay passwd FILE USER}: set a user's password in a password
-    file.
+    C{smtpauth-relay passwd FILE USER [--force]}: set a user's password in a
+    password file.
 
     The password is one line read from C{stdin} when that is not a terminal
     (for scripts: C{echo "$pw" | smtpauth-relay passwd ...}); otherwise it is
     asked for twice with C{getpass}, and the two must match.  Neither the
     password nor its hash is ever written to C{stdout} or C{stderr}.
 
-    @param argv: The arguments after C{passwd}: C{[FILE, USER]}.
+    A password L{smtpauth_relay.passwordpolicy.checkPassword} finds weak is
+    refused with the reasons, unless C{--force} is given (anywhere in
+    C{argv}): then the reasons are a warning and the password is set.  The
+    domain of a user name that looks like an address counts as the user's
+    domain.  Passwords bcrypt cannot take (empty, over 72 bytes) are refused
+    even with C{--force}.
+
+    @param argv: The arguments after C{passwd}: C{[FILE, USER]}, and
+        C{--force} anywhere.
     @param stdin: Where to read the password from when it is not a terminal.
     @param stdout: Where the confirmation goes.
     @param stderr: Where errors go.
@@ -326,6 +339,8 @@ def passwdCommand(
 
     @return: The exit status: 0 on success, 1 on failure, 2 on a usage error.
     """
+    force = "--force" in argv
+    argv = [arg for arg in argv if arg != "--force"]
     if argv and argv[0] in ("-h", "--help"):
         stdout.write(_HELP)
         return 0
@@ -370,6 +385,24 @@ def passwdCommand(
     except ValueError as e:
         stderr.write(f"smtpauth-relay passwd: {e}\n")
         return 1
+
+    # After hashing, so that a password bcrypt cannot take at all is refused
+    # for that, --force or not.
+    local, at, domain = user.rpartition("@")
+    domains = [domain] if at and local and domain else []
+    reasons = checkPassword(password, user, domains)
+    if reasons:
+        listed = "".join(f"  - {reason}\n" for reason in reasons)
+        if not force:
+            stderr.write(
+                f"smtpauth-relay passwd: weak password refused:\n{listed}"
+                "Choose another, or give --force to set it anyway.\n"
+            )
+            return 1
+        stderr.write(
+            f"smtpauth-relay passwd: warning: setting a weak password (--force):\n"
+            f"{listed}"
+        )
     try:
         setUser(path, user, encoded)
     except OSError as e:

@@ -105,6 +105,20 @@ def clientContext(
     return context
 
 
+def tlsClientHello() -> bytes:
+    """
+    The first flight of a real TLS handshake (a ClientHello record), as a
+    client would send it to a port it wrongly believes speaks TLS.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = clientContext().wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
 def toml(value: object) -> str:
     """
     A Python value as a TOML value (strings, numbers, booleans, lists).
@@ -132,6 +146,12 @@ class RelayProcess:
     @ivar delivery: the C{[delivery]} keys; without a C{mode} the relay
         delivers into its own Maildir (L{maildir}), with one (say
         C{"smarthost"}) exactly these keys are written.
+    @ivar lockout: C{[auth.lockout]} keys; the section is written only when
+        there are some.
+    @ivar relay: extra C{[relay]} keys (besides C{trusted_networks}).
+    @ivar senderLoginMap: the contents of a sender login map, written to
+        L{senderLoginMapPath} and named by C{[relay] sender_login_map}; with
+        C{None}, no map.
     """
 
     server: dict[str, object] = field(default_factory=dict)
@@ -140,6 +160,9 @@ class RelayProcess:
     delivery: dict[str, object] = field(default_factory=dict)
     directory: str = ""
     process: subprocess.Popen[bytes] | None = None
+    lockout: dict[str, object] = field(default_factory=dict)
+    relay: dict[str, object] = field(default_factory=dict)
+    senderLoginMap: str | None = None
 
     def __post_init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="smtpauth-e2e-")
@@ -155,6 +178,10 @@ class RelayProcess:
         self.users = os.path.join(d, "users")
         setUser(self.users, USER, hashPassword(PASSWORD.encode(), rounds=4))
         setUser(self.users, OTHER_USER, hashPassword(OTHER_PASSWORD.encode(), rounds=4))
+        self.senderLoginMapPath = os.path.join(d, "senders")
+        if self.senderLoginMap is not None:
+            with open(self.senderLoginMapPath, "w", encoding="utf-8") as f:
+                f.write(self.senderLoginMap)
         self._writeConfig()
 
     def _writeConfig(self) -> None:
@@ -180,9 +207,16 @@ class RelayProcess:
             "",
             "[auth]",
             f"checkers = {toml(['htpasswd:' + users])}",
-            "",
-            "[relay]",
-            "trusted_networks = []",
+        ]
+        if self.lockout:
+            lines += ["", "[auth.lockout]"]
+            lines += [f"{k} = {toml(v)}" for k, v in self.lockout.items()]
+        relay = dict(self.relay)
+        if self.senderLoginMap is not None:
+            relay.setdefault("sender_login_map", self.senderLoginMapPath)
+        lines += ["", "[relay]", "trusted_networks = []"]
+        lines += [f"{k} = {toml(v)}" for k, v in relay.items()]
+        lines += [
             "",
             "[queue]",
             f"directory = {toml(self.queueDirectory)}",

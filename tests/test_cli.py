@@ -77,7 +77,7 @@ class MainTests(SynchronousTestCase):
         """
         self.assertEqual(
             sorted(cli.COMMANDS),
-            ["check-config", "demo", "lockout", "passwd", "queue"],
+            ["audit", "check-config", "demo", "lockout", "passwd", "queue"],
         )
 
 
@@ -168,7 +168,7 @@ class PasswdDispatchTests(SynchronousTestCase):
         path = self.mktemp()
         stdout, stderr = io.StringIO(), io.StringIO()
         status = passwdCommand(
-            [path, "alice"], io.StringIO("s3cret pass\n"), stdout, stderr, rounds=4
+            [path, "alice"], io.StringIO("vivid quartz lantern\n"), stdout, stderr, rounds=4
         )
         self.assertEqual(status, 0)
         self.assertEqual(stderr.getvalue(), "")
@@ -177,7 +177,7 @@ class PasswdDispatchTests(SynchronousTestCase):
             users = parseHtpasswd(f.read(), path)
         self.assertEqual(list(users), ["alice"])
         self.assertEqual(hashScheme(users["alice"]), "bcrypt")
-        self.assertTrue(verifyPassword(b"s3cret pass", users["alice"]))
+        self.assertTrue(verifyPassword(b"vivid quartz lantern", users["alice"]))
 
 
 class DemoTests(SynchronousTestCase):

@@ -24,6 +24,11 @@ HASH_A = "$2b$04$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 HASH_B = "$2b$04$bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 HASH_C = "$6$salt$" + "c" * 86
 
+# Passwords the policy of smtpauth_relay.passwordpolicy accepts.
+STRONG = "vivid quartz lantern"
+STRONG2 = "glacier-mint-otter"
+STRONG3 = "unicorn velvet tram"
+
 
 class TTYStringIO(io.StringIO):
     """
@@ -381,48 +386,51 @@ class PasswdCommandTests(SynchronousTestCase):
         """
         getpass = FakeGetpass()
         status = self.passwd(
-            [self.path, "alice"], io.StringIO(" pass word \r\nignored\n"), getpass
+            [self.path, "alice"],
+            io.StringIO(" tangerine obelisk 42 \r\nignored\n"),
+            getpass,
         )
         self.assertEqual(status, 0)
         self.assertEqual(getpass.prompts, [])
         encoded = self.users()["alice"]
         self.assertTrue(encoded.startswith("$2b$04$"))
-        self.assertTrue(verifyPassword(b" pass word ", encoded))
+        self.assertTrue(verifyPassword(b" tangerine obelisk 42 ", encoded))
         self.assertIn("alice", self.stdout.getvalue())
-        self.assertNotLeaked("pass word", encoded, encoded[7:29])
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertNotLeaked("tangerine obelisk", encoded, encoded[7:29])
 
     def test_stdinNoNewline(self) -> None:
         """
         A password without a final newline is taken as it is.
         """
-        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO("s3cret")), 0)
-        self.assertTrue(verifyPassword(b"s3cret", self.users()["alice"]))
+        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO(STRONG)), 0)
+        self.assertTrue(verifyPassword(STRONG.encode(), self.users()["alice"]))
 
     def test_replace(self) -> None:
         """
         Running it again for the same user changes the password and keeps the
         others.
         """
-        self.passwd([self.path, "alice"], io.StringIO("one\n"))
-        self.passwd([self.path, "bob"], io.StringIO("two\n"))
-        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO("three\n")), 0)
+        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO(STRONG)), 0)
+        self.assertEqual(self.passwd([self.path, "bob"], io.StringIO(STRONG2)), 0)
+        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO(STRONG3)), 0)
         users = self.users()
-        self.assertFalse(verifyPassword(b"one", users["alice"]))
-        self.assertTrue(verifyPassword(b"three", users["alice"]))
-        self.assertTrue(verifyPassword(b"two", users["bob"]))
+        self.assertFalse(verifyPassword(STRONG.encode(), users["alice"]))
+        self.assertTrue(verifyPassword(STRONG3.encode(), users["alice"]))
+        self.assertTrue(verifyPassword(STRONG2.encode(), users["bob"]))
 
     def test_prompted(self) -> None:
         """
         On a terminal the password is asked for twice with getpass (never
         read from stdin) and stored when both answers match.
         """
-        getpass = FakeGetpass("t\u00f6p secret", "t\u00f6p secret")
+        getpass = FakeGetpass("t\u00f6p secret walrus", "t\u00f6p secret walrus")
         stdin = TTYStringIO("not this\n")
         self.assertEqual(self.passwd([self.path, "alice"], stdin, getpass), 0)
         self.assertEqual(len(getpass.prompts), 2)
         self.assertTrue(all("alice" in prompt for prompt in getpass.prompts))
         self.assertTrue(
-            verifyPassword("t\u00f6p secret".encode(), self.users()["alice"])
+            verifyPassword("t\u00f6p secret walrus".encode(), self.users()["alice"])
         )
         self.assertNotLeaked("t\u00f6p secret")
 
@@ -465,10 +473,14 @@ class PasswdCommandTests(SynchronousTestCase):
 
     def test_tooLong(self) -> None:
         """
-        A password longer than bcrypt can use is refused with status 1.
+        A password longer than bcrypt can use is refused with status 1, for
+        that reason (not its weakness) and even with C{--force}.
         """
         self.assertEqual(self.passwd([self.path, "alice"], io.StringIO("x" * 73)), 1)
+        argv = [self.path, "alice", "--force"]
+        self.assertEqual(self.passwd(argv, io.StringIO("x" * 73)), 1)
         self.assertIn("72 bytes", self.stderr.getvalue())
+        self.assertNotIn("weak", self.stderr.getvalue())
         self.assertFalse(os.path.exists(self.path))
 
     def test_badUsername(self) -> None:
@@ -483,14 +495,27 @@ class PasswdCommandTests(SynchronousTestCase):
 
     def test_usage(self) -> None:
         """
-        Anything but two arguments is a usage error (status 2) with the usage
-        on stderr; C{--help} prints it on stdout with status 0.
+        Anything but two arguments (and C{--force}) is a usage error (status
+        2) with the usage on stderr; C{--help} prints it on stdout with status
+        0, and says what C{--force} does.
         """
-        for argv in [[], [self.path], [self.path, "alice", "extra"], ["-x", "a"]]:
-            self.assertEqual(self.passwd(argv, io.StringIO("pw\n")), 2)
-        self.assertIn("usage: smtpauth-relay passwd FILE USER", self.stderr.getvalue())
+        for argv in [
+            [],
+            [self.path],
+            [self.path, "alice", "extra"],
+            ["-x", "a"],
+            ["--force"],
+            [self.path, "--force"],
+            [self.path, "--force", "alice", "extra"],
+        ]:
+            self.assertEqual(self.passwd(argv, io.StringIO(STRONG)), 2)
+        self.assertIn(
+            "usage: smtpauth-relay passwd FILE USER [--force]\n",
+            self.stderr.getvalue(),
+        )
         self.assertEqual(self.passwd(["--help"], io.StringIO()), 0)
         self.assertIn("usage:", self.stdout.getvalue())
+        self.assertIn("--force", self.stdout.getvalue())
         self.assertFalse(os.path.exists(self.path))
 
     def test_unwritable(self) -> None:
@@ -499,6 +524,110 @@ class PasswdCommandTests(SynchronousTestCase):
         stderr.
         """
         path = os.path.join(self.path, "nodir", "users")
-        self.assertEqual(self.passwd([path, "alice"], io.StringIO("pw\n")), 1)
+        self.assertEqual(self.passwd([path, "alice"], io.StringIO(STRONG + "\n")), 1)
         self.assertIn("cannot update", self.stderr.getvalue())
-        self.assertNotLeaked("pw\n", "$2b$")
+        self.assertNotLeaked(STRONG, "$2b$")
+
+    def test_weakRefused(self) -> None:
+        """
+        A weak password is refused with status 1, every reason on stderr and
+        a hint about C{--force}; nothing is written, and neither the password
+        nor its hash is printed.
+        """
+        status = self.passwd([self.path, "alice"], io.StringIO("qwerty123\n"))
+        self.assertEqual(status, 1)
+        self.assertEqual(self.stdout.getvalue(), "")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "smtpauth-relay passwd: weak password refused:\n"
+            "  - it is shorter than 12 characters\n"
+            "  - it is too easy to guess (strength 0 of 4, 3 needed):"
+            " This is a very common password."
+            " Add another word or two. Uncommon words are better.\n"
+            "Choose another, or give --force to set it anyway.\n",
+        )
+        self.assertFalse(os.path.exists(self.path))
+        self.assertNotLeaked("qwerty123", "$2b$")
+
+    def test_weakPromptedRefused(self) -> None:
+        """
+        A weak password typed at the prompts is refused too, leaving an
+        existing file as it was.
+        """
+        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO(STRONG)), 0)
+        with open(self.path, "rb") as f:
+            before = f.read()
+        getpass = FakeGetpass("qwerty123", "qwerty123")
+        self.assertEqual(self.passwd([self.path, "alice"], TTYStringIO(), getpass), 1)
+        self.assertEqual(len(getpass.prompts), 2)
+        self.assertIn("weak password refused", self.stderr.getvalue())
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_userNameRefused(self) -> None:
+        """
+        A password containing the user name is refused, however strong
+        otherwise.
+        """
+        argv = [self.path, "alice"]
+        self.assertEqual(self.passwd(argv, io.StringIO("kumquat-alice-quarry")), 1)
+        self.assertIn("  - it contains the user name\n", self.stderr.getvalue())
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_addressDomainRefused(self) -> None:
+        """
+        For a user name that looks like an address, a password containing
+        its domain is refused; for a plain user name no domain counts.
+        """
+        password = "kumquat example quarry"
+        argv = [self.path, "bob@example.org"]
+        self.assertEqual(self.passwd(argv, io.StringIO(password)), 1)
+        self.assertIn(
+            '  - it contains "example", from the domain example.org\n',
+            self.stderr.getvalue(),
+        )
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(self.passwd([self.path, "bob"], io.StringIO(password)), 0)
+        self.assertTrue(verifyPassword(password.encode(), self.users()["bob"]))
+
+    def test_force(self) -> None:
+        """
+        With C{--force}, anywhere on the command line, a weak password is set
+        with a warning giving the reasons on stderr, and status 0.
+        """
+        for i, argv in enumerate(
+            [
+                ["--force", self.path, "user0"],
+                [self.path, "--force", "user1"],
+                [self.path, "user2", "--force"],
+            ]
+        ):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(self.passwd(argv, io.StringIO("qwerty123\n")), 0)
+            self.assertTrue(verifyPassword(b"qwerty123", self.users()[f"user{i}"]))
+            warning = self.stderr.getvalue()
+            self.assertTrue(
+                warning.startswith(
+                    "smtpauth-relay passwd: warning: setting a weak password"
+                    " (--force):\n"
+                    "  - it is shorter than 12 characters\n"
+                ),
+                warning,
+            )
+            self.assertNotIn("refused", warning)
+        self.assertIn("Password for user2 set", self.stdout.getvalue())
+        self.assertNotLeaked("qwerty123")
+
+    def test_strongAccepted(self) -> None:
+        """
+        A strong password is set without a word on stderr, with or without
+        C{--force}.
+        """
+        self.assertEqual(self.passwd([self.path, "alice"], io.StringIO(STRONG)), 0)
+        argv = [self.path, "bob@example.org", "--force"]
+        self.assertEqual(self.passwd(argv, io.StringIO(STRONG2)), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+        users = self.users()
+        self.assertTrue(verifyPassword(STRONG.encode(), users["alice"]))
+        self.assertTrue(verifyPassword(STRONG2.encode(), users["bob@example.org"]))
