@@ -40,6 +40,7 @@ from smtpauth_relay.server import (
     SessionSettings,
 )
 from smtpauth_relay.spool import Spool
+from smtpauth_relay.systemd import Notifier, NotifyService
 from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import serverContextFactory
 from smtpauth_relay.usernetworks import UserNetworks
@@ -189,6 +190,9 @@ def makeRelayService(
     makeControlService(
         config.queue.directory, runner, reactor, lockout=lockout
     ).setServiceParent(top)
+    # Last: it tells systemd we are ready once everything above has started,
+    # and (stopped first) that we are stopping.
+    NotifyService(Notifier(), reactor).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     return top
 

@@ -27,11 +27,13 @@ def sanitiseHelo(helo: bytes) -> str:
 def logSafe(text: str, limit: int = 256) -> str:
     """
     A client-controlled string (an AUTH identity) made safe for one log
-    line: backslashes, control and non-ASCII characters are escaped
-    (C{\\r}, C{\\x00}, C{\\xe9}), so a CR or LF cannot start a forged
-    line; cut at C{limit} characters.
+    line: backslashes, spaces, control and non-ASCII characters are escaped
+    (C{\\r}, C{\\x20}, C{\\xe9}), so a CR or LF cannot start a forged
+    line nor spaces make up fields of one; cut at C{limit} characters.
     """
-    return text[:limit].encode("unicode_escape").decode("ascii")
+    escaped = text[:limit].encode("unicode_escape").decode("ascii")
+    # Spaces too: a user name cannot pose as the rest of a log line.
+    return escaped.replace(" ", "\\x20")
 
 
 def addressLiteral(host: str) -> str:

@@ -168,7 +168,11 @@ class PasswdDispatchTests(SynchronousTestCase):
         path = self.mktemp()
         stdout, stderr = io.StringIO(), io.StringIO()
         status = passwdCommand(
-            [path, "alice"], io.StringIO("vivid quartz lantern\n"), stdout, stderr, rounds=4
+            [path, "alice"],
+            io.StringIO("vivid quartz lantern\n"),
+            stdout,
+            stderr,
+            rounds=4,
         )
         self.assertEqual(status, 0)
         self.assertEqual(stderr.getvalue(), "")

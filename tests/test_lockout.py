@@ -4,8 +4,17 @@ Tests for L{smtpauth_relay.lockout}.
 
 from __future__ import annotations
 
+import configparser
+import os
+import re
+
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import (
+    LogLevel,
+    capturedLogs,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -17,6 +26,7 @@ from smtpauth_relay.lockout import (
     lockoutTimer,
     subnetOf,
 )
+from tests.support import Harness, b64, plain
 
 
 class LockoutTests(SynchronousTestCase):
@@ -206,25 +216,61 @@ class LockoutTests(SynchronousTestCase):
         self.assertEqual(self.lockout.store._locked, {})  # type: ignore[attr-defined]
 
 
+def fail2banPattern() -> re.Pattern[str]:
+    """
+    The shipped filter's failregex, with <HOST> as a named group.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(root, "etc/fail2ban/filter.d/smtpauth-relay.conf"))
+    failregex = parser["Definition"]["failregex"].strip()
+    return re.compile(failregex.replace("<HOST>", r"(?P<host>\S+)"))
+
+
+def asFail2banSeesIt(event: dict[str, object]) -> list[str]:
+    """
+    The lines twistd's text log writes for C{event}, with the leading time
+    stamp removed as fail2ban removes it before applying failregex.
+    """
+    text = formatEventAsClassicLogText(event) or ""
+    return [re.sub(r"^\S+ ", "", line) for line in text.splitlines()]
+
+
 class Fail2banFilterTests(SynchronousTestCase):
     def test_filterMatchesLogLine(self) -> None:
         """
         The shipped fail2ban filter's failregex matches the lockout line the
-        relay logs, and captures the client address.
+        relay logs (as twistd writes it), and captures the client address.
         """
-        import configparser
-        import os
-        import re
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read(os.path.join(root, "etc/fail2ban/filter.d/smtpauth-relay.conf"))
-        failregex = parser["Definition"]["failregex"].strip()
-        pattern = re.compile(failregex.replace("<HOST>", r"(?P<host>\S+)"))
-        clock = Clock()
-        lockout = Lockout(LockoutConfig(max_failures=1), clock)
+        pattern = fail2banPattern()
+        lockout = Lockout(LockoutConfig(max_failures=1), Clock())
         with capturedLogs() as events:
             lockout.failed("2001:db8::7", "mallory")
-        lines = [formatEvent(e) for e in events if "lockout start" in formatEvent(e)]
+        lines = [line for e in events for line in asFail2banSeesIt(e)]
         hosts = {m.group("host") for line in lines if (m := pattern.search(line))}
         self.assertEqual(hosts, {"2001:db8::7"})
+
+    def test_clientTextCannotMatch(self) -> None:
+        """
+        A user name or sender address made to look like a lockout line
+        (spaces and all) cannot make the filter ban an address of the
+        attacker's choosing: the filter is anchored to the lockout logger's
+        line, and user names are escaped.
+        """
+        pattern = fail2banPattern()
+        harness = Harness(lockout=LockoutConfig(max_failures=100, tarpit=0))
+        session = harness.connect()
+        session.startTLS()
+        session.command(b"EHLO client.example")
+        forged = (
+            "x lockout start kind=ip key=ip:203.0.113.9 client=203.0.113.9 "
+            "user=x failures=5 duration=900s"
+        )
+        with capturedLogs() as events:
+            session.command(b"AUTH PLAIN " + plain(forged, "guess"))
+            session.command(b"AUTH LOGIN")
+            session.command(b64("x\n" + forged))
+            session.command(b64("guess"))
+        lines = [line for e in events for line in asFail2banSeesIt(e)]
+        self.assertTrue(any("203.0.113.9" in line for line in lines))
+        self.assertEqual([line for line in lines if pattern.search(line)], [])

@@ -1753,7 +1753,7 @@ class SessionTimeTests(SynchronousTestCase):
             session.command(b"AUTH PLAIN " + plain("x\r\nlockout start kind=ip", "y"))
         text = "\n".join(formatEvent(e) for e in events)
         self.assertNotIn("\nlockout start", text)
-        self.assertIn("x\\r\\nlockout start", text)
+        self.assertIn("x\\r\\nlockout\\x20start", text)
 
 
 class RateLimitTests(SynchronousTestCase):
