@@ -8,7 +8,9 @@ activation), C{unix:} and C{tcp6:} need no code of ours.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import strports
@@ -18,16 +20,20 @@ from twisted.cred.checkers import (
     ICredentialsChecker,
     InMemoryUsernamePasswordDatabaseDontUse,
 )
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
-from smtpauth_relay.auth import makePortal
-from smtpauth_relay.config import Config, readPasswordFile
+from smtpauth_relay.auth import ChainChecker, makePortal
+from smtpauth_relay.config import Config, loadConfig, readPasswordFile
 from smtpauth_relay.control import makeControlService
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
+from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
@@ -42,7 +48,7 @@ from smtpauth_relay.server import (
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.systemd import Notifier, NotifyService
 from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
-from smtpauth_relay.tls import serverContextFactory
+from smtpauth_relay.tls import ReloadableContext, serverContextFactory
 from smtpauth_relay.usernetworks import UserNetworks
 
 log = Logger()
@@ -119,8 +125,12 @@ def makeRelayService(
     )
     contextFactory = None
     if config.tls.certificate and config.tls.private_key:
-        contextFactory = serverContextFactory(
-            config.tls.certificate, config.tls.private_key, config.tls.minimum_version
+        contextFactory = ReloadableContext(
+            serverContextFactory(
+                config.tls.certificate,
+                config.tls.private_key,
+                config.tls.minimum_version,
+            )
         )
 
     resolver = None
@@ -143,6 +153,7 @@ def makeRelayService(
     )
     lockoutTimer(lockout).setServiceParent(top)
 
+    factories: list[RelayServerFactory] = []
     for listener in config.listeners:
         factory: Any = RelayServerFactory(
             sessionSettings(config, listener.tls),
@@ -159,6 +170,7 @@ def makeRelayService(
             limits,
             userNetworks,
         )
+        factories.append(factory)
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
@@ -190,11 +202,221 @@ def makeRelayService(
     makeControlService(
         config.queue.directory, runner, reactor, lockout=lockout
     ).setServiceParent(top)
+    SessionDrain(limiter, reactor).setServiceParent(top)
     # Last: it tells systemd we are ready once everything above has started,
     # and (stopped first) that we are stopping.
-    NotifyService(Notifier(), reactor).setServiceParent(top)
-    SessionDrain(limiter, reactor).setServiceParent(top)
+    notifier = NotifyService(Notifier(), reactor)
+    notifier.setServiceParent(top)
+    Reloader(
+        Relay(
+            config,
+            list(extraCheckers),
+            factories,
+            portal,
+            contextFactory,
+            lockout,
+            limits,
+            runner,
+        ),
+        notifier,
+        reactor,
+    ).setServiceParent(top)
     return top
+
+
+@dataclass
+class Relay:
+    """
+    The running relay's parts that a reload (SIGHUP) can change in place.
+    """
+
+    config: Config
+    extraCheckers: list[ICredentialsChecker]
+    factories: list[RelayServerFactory]
+    portal: Portal
+    tlsContext: ReloadableContext | None
+    lockout: Lockout
+    limits: RateLimits
+    runner: QueueRunner
+
+    def apply(self, new: Config) -> list[str]:
+        """
+        Make C{new} the running configuration as far as it can be without a
+        restart.  Blocking (it reads the TLS files and makes the checkers):
+        run it off the reactor thread, then L{install} on it.
+
+        @return: what still needs a restart to take effect.
+        """
+        old = self.config
+        needsRestart = []
+        if new.listeners != old.listeners:
+            needsRestart.append("[[listener]]")
+        if new.queue.directory != old.queue.directory:
+            needsRestart.append("[queue] directory")
+        if new.delivery != old.delivery:
+            needsRestart.append("[delivery]")
+        if new.server.max_connections != old.server.max_connections or (
+            new.server.max_connections_per_ip != old.server.max_connections_per_ip
+        ):
+            needsRestart.append("[server] max_connections / max_connections_per_ip")
+        if new.server.reverse_dns != old.server.reverse_dns:
+            needsRestart.append("[server] reverse_dns")
+        if (new.tls.certificate is None) != (old.tls.certificate is None):
+            needsRestart.append("[tls] (turned on or off)")
+        self._pending = _Prepared(
+            options=(
+                serverContextFactory(
+                    new.tls.certificate, new.tls.private_key, new.tls.minimum_version
+                )
+                if new.tls.certificate and new.tls.private_key and self.tlsContext
+                else None
+            ),
+            checkers=[
+                adaptChecker(c)
+                for c in [strcred.makeChecker(c) for c in new.auth.checkers]
+                + self.extraCheckers
+            ],
+            senders=(
+                SenderLoginMap(new.relay.sender_login_map, new.relay.sender_plus_tags)
+                if new.relay.sender_login_map
+                else None
+            ),
+            userNetworks=(
+                UserNetworks(new.auth.allowed_networks)
+                if new.auth.allowed_networks
+                else None
+            ),
+        )
+        return needsRestart
+
+    def install(self, new: Config) -> None:
+        """
+        Switch to what L{apply} prepared (on the reactor thread).
+        """
+        prepared = self._pending
+        if prepared.options is not None and self.tlsContext is not None:
+            self.tlsContext.options = prepared.options
+        chain = self.portal.checkers.get(IUsernamePassword)
+        if isinstance(chain, ChainChecker):
+            chain.checkers = prepared.checkers
+        policy = RelayPolicy(
+            trustedNetworks=new.relay.trusted_networks,
+            trustedRelays=new.relay.trusted_relays,
+        )
+        for factory in self.factories:
+            factory.settings = sessionSettings(new, factory.settings.tlsMode)
+            factory.policy = policy
+            factory.senders = prepared.senders
+            factory.checkHeaderFrom = new.relay.check_header_from
+            factory.userNetworks = prepared.userNetworks
+        self.lockout.settings = new.auth.lockout
+        self.limits.settings = new.limits
+        runner = self.runner
+        runner.retrySchedule = new.queue.retry_schedule
+        runner.maxLifetime = new.queue.max_lifetime
+        runner.delayWarning = new.queue.delay_warning
+        runner.hostname = new.server.hostname
+        self.config = new
+
+
+@dataclass
+class _Prepared:
+    options: Any
+    checkers: list[ICredentialsChecker]
+    senders: SenderLoginMap | None
+    userNetworks: UserNetworks | None
+
+
+class Reloader(Service):
+    """
+    Reloads the configuration on SIGHUP (C{systemctl reload}): TLS
+    certificate and key, checkers, policy, limits and timeouts take effect at
+    once; an invalid new configuration is refused and the running one kept.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        notifier: NotifyService,
+        reactor: Any,
+        installSignal: bool = True,
+        runInThread: RunInThread | None = None,
+    ) -> None:
+        """
+        @param runInThread: where the blocking part (reading files, making
+            checkers) runs; the reactor's thread pool by default.
+        """
+        self.relay = relay
+        self.notifier = notifier
+        self.reactor = reactor
+        self.installSignal = installSignal
+        self.runInThread = runInThread or threadPoolRunner(reactor)
+        self._previous: Any = None
+        self._reloading: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.installSignal:
+            self._previous = signal.signal(signal.SIGHUP, self._signalled)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.installSignal and self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _signalled(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[Any]:
+        """
+        Read the configuration file again and switch to it.
+        """
+        if self._reloading is not None:
+            return self._reloading
+        self.notifier.reloading()
+        path = self.relay.config.path
+        log.info("reloading {path}", path=path)
+
+        def prepare() -> tuple[Config, list[str]]:
+            new = loadConfig(path)
+            return new, self.relay.apply(new)
+
+        def switch(result: tuple[Config, list[str]]) -> None:
+            new, needsRestart = result
+            self.relay.install(new)
+            if needsRestart:
+                log.warn(
+                    "reloaded {path}; changes to {parts} need a restart",
+                    path=path,
+                    parts=", ".join(needsRestart),
+                )
+            else:
+                log.info("reloaded {path}", path=path)
+            self.notifier.reloaded("reloaded")
+
+        def refused(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, ConfigError):
+                problems = error.problems
+            else:
+                problems = [failure.getErrorMessage()]
+            log.error(
+                "reload of {path} refused, the running configuration is kept: "
+                "{problems}",
+                path=path,
+                problems="; ".join(problems),
+            )
+            self.notifier.reloaded("reload refused: see the log")
+
+        def done(result: object) -> None:
+            self._reloading = None
+
+        d: Deferred[Any] = self.runInThread(prepare)
+        d.addCallbacks(switch, refused)
+        d.addBoth(done)
+        self._reloading = d
+        return d
 
 
 def makeDeliveryAgent(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -16,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -114,6 +117,21 @@ def serverContextFactory(
         extraCertChain=certs[1:],  # type: ignore[arg-type]
         raiseMinimumTo=VERSIONS[minimumVersion],
     )
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableContext:
+    """
+    The listeners' TLS context factory, whose certificate can be replaced
+    while the relay runs (a renewed certificate, on SIGHUP): every new
+    connection and STARTTLS uses the current one.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.options = options
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
 
 
 def generateSelfSigned(

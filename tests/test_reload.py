@@ -1,0 +1,129 @@
+"""
+Tests for reloading the configuration while the relay runs (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpauth_relay.config import loadConfig
+from smtpauth_relay.server import RelayServerFactory
+from smtpauth_relay.service import Reloader, makeRelayService
+from smtpauth_relay.threads import runNow
+from smtpauth_relay.tls import ReloadableContext, generateSelfSigned
+from tests.test_plugins import configText, writeConfig
+
+
+class ReloadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.text, _ = configText(self, checkers=("memory:alice:secret",))
+        self.path = writeConfig(self, self.text)
+        self.reactor = MemoryReactorClock()
+        self.top = makeRelayService(loadConfig(self.path), self.reactor)
+        (self.reloader,) = [s for s in self.top if isinstance(s, Reloader)]
+        self.reloader.installSignal = False
+        self.reloader.runInThread = runNow
+        self.top.startService()
+        self.addCleanup(self.top.stopService)
+
+    def factories(self) -> list[RelayServerFactory]:
+        return self.reloader.relay.factories
+
+    def rewrite(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_settingsAndPolicy(self) -> None:
+        """
+        A reload applies new limits, trusted networks and checkers to the
+        running listeners.
+        """
+        self.rewrite(
+            self.text.replace(
+                '[server]\nhostname = "relay.example.org"',
+                '[server]\nhostname = "relay.example.org"\nmax_recipients = 7',
+            ).replace('"memory:alice:secret"', '"memory:bob:builder"')
+            + '\n[relay]\ntrusted_networks = ["10.0.0.0/8"]\n'
+        )
+        self.successResultOf(self.reloader.reload())
+        for factory in self.factories():
+            self.assertEqual(factory.settings.maxRecipients, 7)
+            self.assertTrue(factory.policy.mayRelay("10.1.2.3", None))
+        chain = self.reloader.relay.portal.checkers
+        (checker,) = {id(c): c for c in chain.values()}.values()
+        self.assertEqual(list(checker.checkers[0].users), [b"bob"])  # type: ignore[attr-defined]
+
+    def test_renewedCertificate(self) -> None:
+        """
+        A renewed certificate (same paths, new files) is used for new
+        connections after a reload, without a restart.
+        """
+        context = self.reloader.relay.tlsContext
+        assert isinstance(context, ReloadableContext)
+        before = context.options
+        config = loadConfig(self.path)
+        assert config.tls.certificate and config.tls.private_key
+        generateSelfSigned(config.tls.certificate, config.tls.private_key, "localhost")
+        self.successResultOf(self.reloader.reload())
+        self.assertIsNot(context.options, before)
+
+    def test_invalidRefused(self) -> None:
+        """
+        An invalid new configuration is refused with a clear log line, and
+        the running one is kept.
+        """
+        self.rewrite(self.text + "\n[server]\nmax_recipients = -1\n")
+        with capturedLogs() as events:
+            self.successResultOf(self.reloader.reload())
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("reload of", text)
+        self.assertIn("the running configuration is kept", text)
+        for factory in self.factories():
+            self.assertEqual(factory.settings.maxRecipients, 100)
+
+    def test_restartNeeded(self) -> None:
+        """
+        Changes that cannot be applied live (listeners) are named in a
+        warning; the rest is applied.
+        """
+        self.rewrite(
+            self.text.replace("port=2587", "port=2588").replace(
+                '[server]\nhostname = "relay.example.org"',
+                '[server]\nhostname = "relay.example.org"\nmax_recipients = 9',
+            )
+        )
+        with capturedLogs() as events:
+            self.successResultOf(self.reloader.reload())
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("[[listener]]", text)
+        self.assertIn("need a restart", text)
+        self.assertEqual(self.factories()[0].settings.maxRecipients, 9)
+
+    def test_sighupHandler(self) -> None:
+        """
+        Started for real, the reloader handles SIGHUP (and gives the
+        previous handler back when stopped).
+        """
+        calls: list[object] = []
+
+        class SpyReactor:
+            def callFromThread(self, f: object, *args: object) -> None:
+                calls.append(f)
+
+        reloader = Reloader(
+            self.reloader.relay,
+            self.reloader.notifier,
+            SpyReactor(),
+            runInThread=runNow,
+        )
+        previous = signal.getsignal(signal.SIGHUP)
+        reloader.startService()
+        os.kill(os.getpid(), signal.SIGHUP)
+        reloader.stopService()
+        self.assertEqual(calls, [reloader.reload])
+        self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
