@@ -3,3 +3,5 @@ STOPPING, watchdog pings), socket activation through ``systemd:`` listeners, and
 ``systemctl reload`` (SIGHUP) re-reads the configuration, TLS certificate and
 checkers without a restart, keeping the running configuration if the new one is
 invalid.
+PROXY protocol v1 and v2 on a listener (``proxy_protocol = true`` with
+``trusted_proxies``): behind HAProxy the relay sees the real client address.

@@ -130,10 +130,16 @@ class ListenerConfig:
     @ivar endpoint: A Twisted server endpoint string (C{tcp:port=587},
         C{systemd:domain=INET:index=0}, C{haproxy:tcp:port=587}, ...).
     @ivar tls: One of L{LISTENER_TLS_MODES}.
+    @ivar proxy_protocol: Whether connections start with a PROXY protocol
+        header (v1 or v2) naming the real client.
+    @ivar trusted_proxies: The networks proxies may connect from; needed
+        with C{proxy_protocol}, and anyone else is refused.
     """
 
     endpoint: str
     tls: str = "starttls"
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "reverse_dns",
     ),
     "tls": ("certificate", "private_key", "minimum_version"),
-    "listener": ("endpoint", "tls"),
+    "listener": ("endpoint", "tls", "proxy_protocol", "trusted_proxies"),
     "auth": ("checkers", "mechanisms", "require_tls", "lockout", "allowed_networks"),
     "auth.lockout": (
         "max_failures",
@@ -796,8 +802,8 @@ def _checkEndpoint(description: str) -> str | None:
         # session its address only after the session has started: the relay
         # would take every client for the proxy (trusted_networks, limits).
         return (
-            f'invalid endpoint "{description}": the PROXY protocol is not '
-            "supported yet; listen directly"
+            f'invalid endpoint "{description}": use a tcp: endpoint with '
+            "proxy_protocol = true and trusted_proxies in its [[listener]]"
         )
     inner = description
     try:
@@ -1316,6 +1322,24 @@ class _Validator:
             else:
                 table.string("endpoint", _checkEndpoint)
             table.choice("tls", LISTENER_TLS_MODES)
+            table.boolean("proxy_protocol")
+            table.networks("trusted_proxies")
+            if "trusted_proxies" not in table.invalid:
+                if table.values.get("proxy_protocol") and not table.values.get(
+                    "trusted_proxies"
+                ):
+                    table.report(
+                        "proxy_protocol",
+                        "needs trusted_proxies, the networks the proxies connect "
+                        'from (e.g. ["10.0.0.5/32"])',
+                    )
+                elif table.values.get("trusted_proxies") and not table.values.get(
+                    "proxy_protocol"
+                ):
+                    table.report(
+                        "trusted_proxies",
+                        "has no effect without proxy_protocol = true",
+                    )
             tables.append(table)
         return tables
 

@@ -38,6 +38,7 @@ from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.policy import RelayPolicy
+from smtpauth_relay.proxyprotocol import ProxyProtocolFactory
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.server import (
@@ -174,6 +175,10 @@ def makeRelayService(
         if listener.tls == "implicit":
             assert contextFactory is not None, "config requires [tls] for TLS"
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+        if listener.proxy_protocol:
+            # The PROXY header comes first on the wire, before any TLS: the
+            # PROXY layer is the outermost.
+            factory = ProxyProtocolFactory(factory, listener.trusted_proxies, reactor)
         # strports.service makes a listen failure (port in use) fail startup
         # instead of being logged while the daemon runs deaf.
         strports.service(listener.endpoint, factory, reactor).setServiceParent(top)

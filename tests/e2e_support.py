@@ -152,6 +152,8 @@ class RelayProcess:
     @ivar senderLoginMap: the contents of a sender login map, written to
         L{senderLoginMapPath} and named by C{[relay] sender_login_map}; with
         C{None}, no map.
+    @ivar listener: extra keys written in every C{[[listener]]} (say
+        C{proxy_protocol} and C{trusted_proxies}).
     """
 
     server: dict[str, object] = field(default_factory=dict)
@@ -163,6 +165,7 @@ class RelayProcess:
     lockout: dict[str, object] = field(default_factory=dict)
     relay: dict[str, object] = field(default_factory=dict)
     senderLoginMap: str | None = None
+    listener: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="smtpauth-e2e-")
@@ -203,6 +206,7 @@ class RelayProcess:
                 f"endpoint = {toml(f'tcp:port={port}:interface={HOST}')}",
                 f"tls = {toml(mode)}",
             ]
+            lines += [f"{k} = {toml(v)}" for k, v in self.listener.items()]
         lines += [
             "",
             "[auth]",
@@ -578,3 +582,178 @@ class RawSMTP:
                 self._buffer += chunk
         except ConnectionResetError:
             return not self._buffer
+
+
+# -- a real HAProxy in front of the relay -----------------------------------------
+
+HAPROXY = "/usr/sbin/haproxy"
+"""Debian's HAProxy (C{apt-get install haproxy})."""
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """
+    One HAProxy frontend and the relay port it forwards to.
+
+    @ivar target: the relay's port.
+    @ivar version: the PROXY protocol version HAProxy sends (1: C{send-proxy},
+        2: C{send-proxy-v2}).
+    """
+
+    target: int
+    version: int
+
+
+class HAProxyProcess:
+    """
+    A real HAProxy in TCP mode, in the foreground (C{-db}): one frontend on
+    127.0.0.1 per route, each forwarding to the relay from 127.0.0.1 with
+    a PROXY header of the route's version.
+
+    @ivar ports: the frontend port of each route, by name.
+    """
+
+    def __init__(self, routes: dict[str, ProxyRoute], executable: str = HAPROXY):
+        self.routes = dict(routes)
+        self.executable = executable
+        self.directory = tempfile.mkdtemp(prefix="haproxy-e2e-")
+        self.configPath = os.path.join(self.directory, "haproxy.cfg")
+        self.logPath = os.path.join(self.directory, "haproxy.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+        self._choosePorts()
+
+    def _choosePorts(self) -> None:
+        self.ports = dict(zip(self.routes, freePorts(len(self.routes)), strict=True))
+        self._writeConfig()
+
+    def _writeConfig(self) -> None:
+        lines = [
+            "global",
+            "    maxconn 256",
+            "",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 5s",
+            "    timeout client 60s",
+            "    timeout server 60s",
+        ]
+        for name, route in self.routes.items():
+            option = "send-proxy" if route.version == 1 else "send-proxy-v2"
+            lines += [
+                "",
+                f"frontend fe_{name}",
+                f"    bind {HOST}:{self.ports[name]}",
+                f"    default_backend be_{name}",
+                "",
+                f"backend be_{name}",
+                f"    server relay {HOST}:{route.target} {option} source {HOST}",
+            ]
+        with open(self.configPath, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def config(self) -> str:
+        with open(self.configPath) as f:
+            return f.read()
+
+    def log(self) -> str:
+        """
+        Everything HAProxy wrote to stdout and stderr so far.
+        """
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self, attempts: int = 3) -> None:
+        """
+        Start C{haproxy -f haproxy.cfg -db} and wait until every frontend
+        accepts connections; on a port taken since it was chosen, choose
+        new ones and try again (up to C{attempts} times in all).
+        """
+        for attempt in range(attempts):
+            logStart = len(self.log())
+            try:
+                self._start()
+                return
+            except AssertionError:
+                if attempt + 1 == attempts or (
+                    "cannot bind socket" not in self.log()[logStart:]
+                ):
+                    raise
+            self._choosePorts()
+
+    def _start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        command = [self.executable, "-f", self.configPath, "-db"]
+        with open(self.logPath, "ab") as log:
+            log.write(f"=== starting: {command}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _proxies.add(self)
+        try:
+            for port in self.ports.values():
+                poll(
+                    lambda port=port: self._accepts(port),
+                    START_TIMEOUT,
+                    lambda port=port: (
+                        f"HAProxy to listen on {HOST}:{port}\n{self.log()}"
+                    ),
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _accepts(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"HAProxy exited with status {self.process.returncode}:\n"
+                f"{self.log()}\n{self.config()}"
+            )
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """
+        SIGTERM (HAProxy's hard stop), wait, SIGKILL if it does not exit.
+        """
+        process = self.process
+        _proxies.discard(self)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+
+    def remove(self) -> None:
+        """
+        Stop HAProxy and delete its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_proxies: set[HAProxyProcess] = set()
+
+
+@atexit.register
+def _stopProxies() -> None:
+    """
+    Never leave an HAProxy behind, whatever the tests did.
+    """
+    for proxy in list(_proxies):
+        proxy.remove()

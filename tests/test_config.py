@@ -1438,12 +1438,41 @@ class EndpointTests(ConfigTestCase):
         """
         C{haproxy:} endpoints are refused: Twisted's wrapper would let the
         relay take every client for the proxy (trusted networks, limits,
-        Received) and believes a PROXY header from anyone.
+        Received) and believes a PROXY header from anyone; the message
+        points at our own proxy_protocol instead.
         """
         self.assertEndpointProblem(
             "haproxy:tcp:port=587",
-            "the PROXY protocol is not supported yet; listen directly",
+            "use a tcp: endpoint with proxy_protocol = true and trusted_proxies "
+            "in its [[listener]]",
         )
+
+    def test_proxyProtocolNeedsTrustedProxies(self) -> None:
+        """
+        proxy_protocol without trusted_proxies is refused, and so is
+        trusted_proxies without proxy_protocol (it would do nothing).
+        """
+        self.assertEqual(
+            self.problemsOf(
+                complete(
+                    '[[listener]]\nendpoint = "tcp:port=2525"\ntls = "none"\n'
+                    "proxy_protocol = true\n"
+                )
+            ),
+            [
+                "relay.toml:4: [listener #1] proxy_protocol: needs trusted_proxies, "
+                'the networks the proxies connect from (e.g. ["10.0.0.5/32"])'
+            ],
+        )
+        config = parseConfig(
+            complete(
+                '[[listener]]\nendpoint = "tcp:port=2525"\ntls = "none"\n'
+                'proxy_protocol = true\ntrusted_proxies = ["10.0.0.5"]\n'
+            ),
+            "relay.toml",
+        )
+        self.assertTrue(config.listeners[0].proxy_protocol)
+        self.assertEqual(len(config.listeners[0].trusted_proxies), 1)
 
 
 class RelayTests(ConfigTestCase):
