@@ -5,3 +5,6 @@ checkers without a restart, keeping the running configuration if the new one is
 invalid.
 PROXY protocol v1 and v2 on a listener (``proxy_protocol = true`` with
 ``trusted_proxies``): behind HAProxy the relay sees the real client address.
+Prometheus metrics (``[metrics] endpoint``): connections, AUTH attempts,
+lockouts, messages accepted and rejected by reason, queue depth and age,
+delivery attempts and latency; a Grafana dashboard in ``etc/grafana/``.

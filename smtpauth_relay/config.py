@@ -233,6 +233,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """
+    C{[metrics]}: the Prometheus endpoint.
+
+    @ivar endpoint: a Twisted server endpoint for C{/metrics}, or C{""} for
+        none.
+    """
+
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """
     C{[queue]}: the spool and its retries.
@@ -315,6 +327,7 @@ class Config:
     delivery: DeliveryConfig
     path: str
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -350,6 +363,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "sender_plus_tags",
         "check_header_from",
     ),
+    "metrics": ("endpoint",),
     "limits": (
         "messages_per_hour",
         "recipients_per_hour",
@@ -1221,6 +1235,12 @@ class _Validator:
             limitsTable.integer(key, minimum=0)
         limits = LimitsConfig(**limitsTable.values)
 
+        metricsTable = self.table(data, "metrics")
+        metricsTable.string(
+            "endpoint", lambda value: _checkEndpoint(value) if value else None
+        )
+        metrics = MetricsConfig(**metricsTable.values)
+
         queueTable = self.table(data, "queue")
         self.queue(queueTable)
         queue = QueueConfig(**queueTable.values)
@@ -1244,6 +1264,7 @@ class _Validator:
             delivery=delivery,
             path=self.path,
             limits=limits,
+            metrics=metrics,
         )
 
     def unknownTopLevel(self, name: str, value: object) -> None:

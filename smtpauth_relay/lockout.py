@@ -228,11 +228,20 @@ class Lockout:
     """
 
     def __init__(
-        self, settings: LockoutConfig, clock: Any, store: ILockoutStore | None = None
+        self,
+        settings: LockoutConfig,
+        clock: Any,
+        store: ILockoutStore | None = None,
+        metrics: Any = None,
     ) -> None:
+        """
+        @param metrics: a L{smtpauth_relay.metrics.RelayMetrics} counting
+            lock starts, or C{None}.
+        """
         self.settings = settings
         self.clock = clock
         self.store: ILockoutStore = store if store is not None else MemoryLockoutStore()
+        self.metrics = metrics
 
     def _keys(self, host: str, user: str | None) -> list[tuple[str, str, int]]:
         """
@@ -289,6 +298,8 @@ class Lockout:
                 )
                 duration = min(settings.duration * 2**repeats, settings.max_duration)
                 self.store.lock(key, now + duration, now)
+                if self.metrics is not None:
+                    self.metrics.lockoutStarted(kind)
                 log.warn(
                     "lockout start kind={kind} key={key} client={client} "
                     "user={user} failures={failures} duration={duration:.0f}s",

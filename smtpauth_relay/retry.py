@@ -40,6 +40,7 @@ from smtpauth_relay.bounce import RecipientFailure, makeBounce, shouldBounce
 from smtpauth_relay.envelope import NULL_AUTH, Attempt, DeliveryReport, Envelope
 from smtpauth_relay.errors import QueueBusy
 from smtpauth_relay.interfaces import IDeliveryAgent, IQueueControl, ISpool
+from smtpauth_relay.metrics import RelayMetrics
 from smtpauth_relay.threads import RunInThread, runNow
 
 log = Logger()
@@ -105,6 +106,7 @@ class QueueRunner(Service):
         maxLifetime: float = DEFAULT_MAX_LIFETIME,
         delayWarning: float = 0.0,
         hostname: str = "localhost",
+        metrics: RelayMetrics | None = None,
     ) -> None:
         """
         @param runInThread: where to read the spool and build bounces (off
@@ -118,6 +120,7 @@ class QueueRunner(Service):
         self.maxLifetime = maxLifetime
         self.delayWarning = delayWarning
         self.hostname = hostname
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self._runInThread = runInThread
         self._semaphore = DeferredSemaphore(maxConcurrent)
         self._scheduled: dict[str, Any] = {}
@@ -174,6 +177,13 @@ class QueueRunner(Service):
         if call is not None and call.active():
             call.cancel()
 
+    def queuedIds(self) -> set[str]:
+        """
+        The messages the runner knows of (waiting, under delivery, held),
+        from memory: for the queue gauges, without listing the spool.
+        """
+        return set(self._scheduled) | set(self._active) | self._adminBusy
+
     def retryDelay(self, attempts: int) -> float:
         """
         Seconds to wait after the C{attempts}-th failed attempt.
@@ -189,6 +199,7 @@ class QueueRunner(Service):
         def finished(result: float | None | Failure) -> None:
             del self._active[queueId]
             if isinstance(result, Failure):
+                self.metrics.deliveryAttempt("failed", "", 1)
                 log.failure(
                     "delivery of {queueId} failed unexpectedly", result, queueId=queueId
                 )
@@ -247,6 +258,10 @@ class QueueRunner(Service):
         now = self.clock.seconds()
         delivered = set(report.delivered) & set(envelope.recipients)
         self._done.setdefault(queueId, set()).update(delivered)
+        if delivered:
+            self.metrics.deliveryAttempt("delivered", report.host, len(delivered))
+            for _ in delivered:
+                self.metrics.deliveryLatency(now - envelope.receivedAt)
         for recipient in report.delivered:
             if recipient in envelope.recipients:
                 log.info(
@@ -287,6 +302,10 @@ class QueueRunner(Service):
                 now=now,
             )
             self._done[queueId].update(bounced)
+            if failed:
+                self.metrics.deliveryAttempt("bounced", report.host, len(failed))
+            if expired:
+                self.metrics.deliveryAttempt("expired", report.host, len(deferred))
         remaining = tuple(
             r for r in envelope.recipients if r in deferred and r not in bounced
         )
@@ -306,6 +325,7 @@ class QueueRunner(Service):
         updated = replace(updated, nextAttempt=now + delay)
         await self.spool.saveEnvelope(updated)
         self._done.pop(queueId, None)
+        self.metrics.deliveryAttempt("deferred", report.host, len(remaining))
         log.warn(
             "{queueId} deferred for {count} recipient(s) via {host}: {reply}; "
             "retry in {delay:.0f}s",

@@ -54,6 +54,7 @@ from smtpauth_relay.errors import CheckerUnavailable, SpoolError
 from smtpauth_relay.interfaces import ISpool
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout
+from smtpauth_relay.metrics import RelayMetrics, refusalReason, rejectionReason
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.rdns import confirmedName
 from smtpauth_relay.replies import Reply
@@ -283,11 +284,15 @@ class RelayESMTP(smtp.ESMTP):
         self._started = self.clock.seconds()
         refusal = self.factory.limiter.open(self._peer, self)
         self._counted = True
+        self.factory.metrics.connectionOpened(
+            self.factory.listener, self.settings.tlsMode
+        )
         limits = self.factory.limits
         if refusal is None and limits is not None:
             if not limits.connectionAllowed(self._peer):
                 refusal = replies.TOO_MANY_CONNECTIONS_RATE
         if refusal is not None:
+            self.factory.metrics.connectionRefused(refusalReason(refusal))
             log.info(
                 "refused connection from {peer}: {reason}",
                 peer=self._peer,
@@ -355,6 +360,7 @@ class RelayESMTP(smtp.ESMTP):
         if self._counted:
             self._counted = False
             self.factory.limiter.close(self._peer, self)
+            self.factory.metrics.connectionClosed(self.factory.listener)
         self.setTimeout(None)
         log.info(
             "connection from {peer} closed after {duration:.1f}s: tls={tls} "
@@ -400,6 +406,19 @@ class RelayESMTP(smtp.ESMTP):
         self.transport.writeSequence(
             [part for line in reply.lines() for part in (line, b"\r\n")]
         )
+
+    def _reject(self, reply: Reply, countError: bool = True) -> None:
+        """
+        Refuse a message (or its sender or a recipient) with C{reply},
+        counted in the metrics by reason.
+        """
+        self.factory.metrics.messageRejected(
+            rejectionReason(reply.code, reply.enhanced)
+        )
+        if countError:
+            self._error(reply)
+        else:
+            self.reply(reply)
 
     def _error(self, reply: Reply) -> None:
         """
@@ -784,6 +803,7 @@ class RelayESMTP(smtp.ESMTP):
                 key=lock.key,
                 result="locked",
             )
+            self.factory.metrics.authAttempt(mechanism.name, "locked")
             self._error(replies.AUTH_LOCKED)
             return None
         context = LoginContext(mechanism.name, self._secure)
@@ -804,6 +824,7 @@ class RelayESMTP(smtp.ESMTP):
                 submitter.mechanism, "not allowed from this network", submitter.username
             )
         self._submitter = submitter
+        self.factory.metrics.authAttempt(submitter.mechanism, "success")
         if self.factory.lockout is not None:
             self.factory.lockout.succeeded(self._peer, submitter.username)
         log.info(
@@ -827,11 +848,13 @@ class RelayESMTP(smtp.ESMTP):
                 peer=self._peer,
                 result="unavailable",
             )
+            self.factory.metrics.authAttempt(mechanism, "unavailable")
             self.reply(replies.AUTH_UNAVAILABLE)
         elif failure.check(UnauthorizedLogin):
             return self._authFailed(mechanism, "bad credentials", username)
         else:
             log.failure("AUTH failed unexpectedly", failure)
+            self.factory.metrics.authAttempt(mechanism, "unavailable")
             self.reply(replies.AUTH_UNAVAILABLE)
         return None
 
@@ -854,6 +877,7 @@ class RelayESMTP(smtp.ESMTP):
             result="failure",
         )
         self._authFailures += 1
+        self.factory.metrics.authAttempt(mechanism, "failure")
         lockout = self.factory.lockout
         delay = lockout.failed(self._peer, username) if lockout is not None else 0.0
 
@@ -894,21 +918,21 @@ class RelayESMTP(smtp.ESMTP):
             self._error(self._parameterReply(e))
             return
         if mail.size is not None and mail.size > self.settings.maxMessageSize:
-            self.reply(replies.TOO_BIG)
+            self._reject(replies.TOO_BIG, countError=False)
             return
         user = self._submitter.username if self._submitter else None
         if not self.factory.policy.mayRelay(self._peer, user):
-            self._error(replies.AUTH_REQUIRED)
+            self._reject(replies.AUTH_REQUIRED)
             return
         limits = self.factory.limits
         if user is not None and limits is not None:
             perSession = limits.settings.messages_per_session
             if perSession and self._accepted >= perSession:
-                self.reply(replies.TOO_MANY_MESSAGES_IN_SESSION)
+                self._reject(replies.TOO_MANY_MESSAGES_IN_SESSION, countError=False)
                 self._close()
                 return
             if not limits.messageAllowed(user):
-                self._error(replies.MESSAGE_RATE)
+                self._reject(replies.MESSAGE_RATE)
                 return
         senders = self.factory.senders
         if senders is not None and user is not None:
@@ -922,9 +946,9 @@ class RelayESMTP(smtp.ESMTP):
                     reason=str(refusal),
                 )
                 if refusal.temporary:
-                    self._error(replies.SPOOL_FAILED)
+                    self._reject(replies.SPOOL_FAILED)
                 else:
-                    self._error(replies.SENDER_NOT_ALLOWED.withText(str(refusal)))
+                    self._reject(replies.SENDER_NOT_ALLOWED.withText(str(refusal)))
                 return
         self._mail = mail
         self._recipients = []
@@ -952,10 +976,10 @@ class RelayESMTP(smtp.ESMTP):
             return
         user = self._submitter.username if self._submitter else None
         if not self.factory.policy.mayRelay(self._peer, user):
-            self._error(Reply(554, "5.7.1", "Relay access denied"))
+            self._reject(Reply(554, "5.7.1", "Relay access denied"))
             return
         if len(self._recipients) >= self.settings.maxRecipients:
-            self.reply(replies.TOO_MANY_RECIPIENTS)
+            self._reject(replies.TOO_MANY_RECIPIENTS, countError=False)
             return
         limits = self.factory.limits
         if (
@@ -963,7 +987,7 @@ class RelayESMTP(smtp.ESMTP):
             and limits is not None
             and not limits.recipientAllowed(user, len(self._recipients))
         ):
-            self.reply(replies.RECIPIENT_RATE)
+            self._reject(replies.RECIPIENT_RATE, countError=False)
             return
         self._recipients.append(recipient)
         self.reply(replies.RECIPIENT_OK)
@@ -1068,7 +1092,7 @@ class RelayESMTP(smtp.ESMTP):
                 enhanced=result.enhanced,
                 text=result.text,
             )
-            self._error(result)
+            self._reject(result)
             return
         result.addCallbacks(self._queued, self._spoolFailed, callbackArgs=(envelope,))
         self._wait(result)
@@ -1104,6 +1128,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def _queued(self, queueId: str, envelope: Envelope) -> None:
         self._accepted += 1
+        self.factory.metrics.messageAccepted(envelope.size)
         if self.factory.limits is not None and envelope.authUser is not None:
             self.factory.limits.messageQueued(
                 envelope.authUser, len(envelope.recipients)
@@ -1124,10 +1149,10 @@ class RelayESMTP(smtp.ESMTP):
         error = failure.value
         if isinstance(error, SpoolError) and error.insufficientStorage:
             log.error("spool full: {error}", error=failure.getErrorMessage())
-            self.reply(replies.SPOOL_FULL)
+            self._reject(replies.SPOOL_FULL, countError=False)
         else:
             log.failure("could not spool message from {peer}", failure, peer=self._peer)
-            self.reply(replies.SPOOL_FAILED)
+            self._reject(replies.SPOOL_FAILED, countError=False)
 
 
 class RelayServerFactory(protocol.ServerFactory):
@@ -1152,6 +1177,8 @@ class RelayServerFactory(protocol.ServerFactory):
         checkHeaderFrom: bool = False,
         limits: RateLimits | None = None,
         userNetworks: UserNetworks | None = None,
+        metrics: RelayMetrics | None = None,
+        listener: str = "",
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
@@ -1172,6 +1199,8 @@ class RelayServerFactory(protocol.ServerFactory):
         self.checkHeaderFrom = checkHeaderFrom
         self.limits = limits
         self.userNetworks = userNetworks
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.listener = listener
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

@@ -37,6 +37,7 @@ from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
+from smtpauth_relay.metrics import RelayMetrics, makeMetricsService, queueSnapshot
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.proxyprotocol import ProxyProtocolFactory
 from smtpauth_relay.retry import QueueRunner
@@ -140,7 +141,8 @@ def makeRelayService(
 
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
-    lockout = Lockout(config.auth.lockout, reactor)
+    metrics = RelayMetrics()
+    lockout = Lockout(config.auth.lockout, reactor, metrics=metrics)
     limits = RateLimits(config.limits, reactor, lockout.store)
     userNetworks = (
         UserNetworks(config.auth.allowed_networks)
@@ -170,6 +172,8 @@ def makeRelayService(
             config.relay.check_header_from,
             limits,
             userNetworks,
+            metrics,
+            listener.endpoint,
         )
         factories.append(factory)
         if listener.tls == "implicit":
@@ -199,8 +203,14 @@ def makeRelayService(
         maxLifetime=config.queue.max_lifetime,
         delayWarning=config.queue.delay_warning,
         hostname=config.server.hostname,
+        metrics=metrics,
     )
     runner.setServiceParent(top)
+    metrics.setQueueSource(lambda: queueSnapshot(runner.queuedIds(), reactor.seconds()))
+    if config.metrics.endpoint:
+        makeMetricsService(config.metrics.endpoint, metrics, reactor).setServiceParent(
+            top
+        )
     AgentCloser(agent, runner).setServiceParent(top)
     # After prepare(): the spool lock is what makes removing a stale control
     # socket safe.
@@ -264,6 +274,8 @@ class Relay:
             new.server.max_connections_per_ip != old.server.max_connections_per_ip
         ):
             needsRestart.append("[server] max_connections / max_connections_per_ip")
+        if new.metrics != old.metrics:
+            needsRestart.append("[metrics]")
         if new.server.reverse_dns != old.server.reverse_dns:
             needsRestart.append("[server] reverse_dns")
         if (new.tls.certificate is None) != (old.tls.certificate is None):

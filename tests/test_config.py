@@ -677,9 +677,9 @@ class StructureTests(ConfigTestCase):
         closest known name when there is one.
         """
         self.assertEqual(
-            self.problemsOf(complete("[metrix]\nrate = 5\n\n[servr]\n")),
+            self.problemsOf(complete("[statistics]\nrate = 5\n\n[servr]\n")),
             [
-                "relay.toml:1: [metrix]: unknown section",
+                "relay.toml:1: [statistics]: unknown section",
                 'relay.toml:4: [servr]: unknown section; did you mean "server"?',
             ],
         )
