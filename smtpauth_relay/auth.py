@@ -100,6 +100,16 @@ class ChainChecker:
                     interfaces.append(iface)
         self.credentialInterfaces = tuple(interfaces)
 
+    def timeoutOf(self, checker: ICredentialsChecker) -> float:
+        """
+        Seconds C{checker} may take: its own C{timeout} attribute (a checker
+        plugin's C{timeout=} option) if it has one, else the chain's.
+        """
+        timeout = getattr(checker, "timeout", None)
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            return float(timeout)
+        return self._timeout
+
     def requestAvatarId(self, credentials: ICredentials) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._check(credentials))
 
@@ -109,8 +119,9 @@ class ChainChecker:
             if not any(i.providedBy(credentials) for i in checker.credentialInterfaces):
                 continue
             asked = True
+            timeout = self.timeoutOf(checker)
             d = maybeDeferred(checker.requestAvatarId, credentials)
-            d.addTimeout(self._timeout, self._clock)
+            d.addTimeout(timeout, self._clock)
             try:
                 return await d
             except UnknownUser:
@@ -123,7 +134,7 @@ class ChainChecker:
                 log.error(
                     "credential checker {checker!r} timed out after {timeout}s",
                     checker=checker,
-                    timeout=self._timeout,
+                    timeout=timeout,
                 )
                 raise CheckerUnavailable(f"{checker!r} timed out") from None
             except Exception:

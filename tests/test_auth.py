@@ -252,6 +252,20 @@ class ChainCheckerTests(SynchronousTestCase):
         self.clock.advance(4)
         self.assertEqual(self.successResultOf(d), b"alice")
 
+    def test_checkerOwnTimeout(self) -> None:
+        """
+        A checker with its own C{timeout} attribute (a plugin's C{timeout=}
+        option) is given that long instead of the chain's default.
+        """
+        slow = MemoryChecker(alice="secret")
+        slow.pending = []
+        slow.timeout = 2.0  # type: ignore[attr-defined]
+        d = ChainChecker([slow], self.clock, timeout=5.0).requestAvatarId(alice())
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.failureResultOf(d, CheckerUnavailable)
+
     def test_otherInterfacesSkipped(self) -> None:
         """
         Checkers for other credentials interfaces are not asked.
