@@ -244,6 +244,22 @@ class MetricsConfig:
     endpoint: str = ""
 
 
+#: Values allowed in C{[logging] format}.
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """
+    C{[logging]}: how log events are written.
+
+    @ivar format: C{"text"} (Twisted's human-readable lines) or C{"json"}
+        (one JSON object per event, for journald, Loki and the like).
+    """
+
+    format: str = "text"
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     """
@@ -328,6 +344,7 @@ class Config:
     path: str
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -364,6 +381,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "check_header_from",
     ),
     "metrics": ("endpoint",),
+    "logging": ("format",),
     "limits": (
         "messages_per_hour",
         "recipients_per_hour",
@@ -1241,6 +1259,10 @@ class _Validator:
         )
         metrics = MetricsConfig(**metricsTable.values)
 
+        loggingTable = self.table(data, "logging")
+        loggingTable.choice("format", LOG_FORMATS)
+        logging = LoggingConfig(**loggingTable.values)
+
         queueTable = self.table(data, "queue")
         self.queue(queueTable)
         queue = QueueConfig(**queueTable.values)
@@ -1265,6 +1287,7 @@ class _Validator:
             path=self.path,
             limits=limits,
             metrics=metrics,
+            logging=logging,
         )
 
     def unknownTopLevel(self, name: str, value: object) -> None:

@@ -64,3 +64,10 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class ListenerUnavailable(Exception):
+    """
+    A listener cannot be set up at start, e.g. a C{systemd:} endpoint naming
+    a socket systemd did not pass.
+    """

@@ -8,6 +8,7 @@ activation), C{unix:} and C{tcp6:} need no code of ours.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from smtpauth_relay.control import makeControlService
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
-from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.errors import ConfigError, ListenerUnavailable
 from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
@@ -70,6 +71,20 @@ def adaptChecker(checker: ICredentialsChecker) -> ICredentialsChecker:
             for k, v in checker.users.items()
         }
     return checker
+
+
+def systemdSocketMissing(endpoint: str, environ: Any = os.environ) -> str:
+    """
+    Why a C{systemd:} listener found no socket: which ones systemd passed.
+    """
+    names = environ.get("LISTEN_FDNAMES", "")
+    passed = ", ".join(repr(n) for n in names.split(":")) if names else "none"
+    return (
+        f"[[listener]] endpoint {endpoint!r}: systemd passed no such socket"
+        f" (sockets passed: {passed}); check"
+        " FileDescriptorName= in the .socket unit, and start the service"
+        " through its socket"
+    )
 
 
 def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
@@ -185,7 +200,11 @@ def makeRelayService(
             factory = ProxyProtocolFactory(factory, listener.trusted_proxies, reactor)
         # strports.service makes a listen failure (port in use) fail startup
         # instead of being logged while the daemon runs deaf.
-        strports.service(listener.endpoint, factory, reactor).setServiceParent(top)
+        try:
+            listening = strports.service(listener.endpoint, factory, reactor)
+        except (IndexError, KeyError):
+            raise ListenerUnavailable(systemdSocketMissing(listener.endpoint)) from None
+        listening.setServiceParent(top)
         log.info(
             "listening on {endpoint} (tls={tls})",
             endpoint=listener.endpoint,

@@ -11,7 +11,8 @@ from twisted.cred import credentials, strcred
 from twisted.python import usage
 
 from smtpauth_relay.config import Config, loadConfig
-from smtpauth_relay.errors import ConfigError, SpoolLocked
+from smtpauth_relay.errors import ConfigError, ListenerUnavailable, SpoolLocked
+from smtpauth_relay.logformat import LogObserverRoot, observerFor
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -52,6 +53,9 @@ def makeService(options: Options) -> Any:
 
     config: Config = options["relayConfig"]
     try:
-        return makeRelayService(config, reactor, options.get("credCheckers", []))
-    except SpoolLocked as e:
+        relay = makeRelayService(config, reactor, options.get("credCheckers", []))
+    except (SpoolLocked, ListenerUnavailable) as e:
         raise SystemExit(f"smtpauth-relay: {e}") from None
+    root = LogObserverRoot(observerFor(config.logging.format))
+    relay.setServiceParent(root)
+    return root

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -154,6 +155,15 @@ class RelayProcess:
         C{None}, no map.
     @ivar listener: extra keys written in every C{[[listener]]} (say
         C{proxy_protocol} and C{trusted_proxies}).
+    @ivar endpoints: C{(endpoint, tls)} of each listener, replacing the
+        usual three TCP ones; L{start} then waits for no port (use
+        C{NOTIFY_SOCKET} to know when the relay is ready).
+    @ivar sections: extra sections, by name, with their keys.
+    @ivar env: extra environment variables for the relay.
+    @ivar inheritFds: descriptors handed to the relay as 3, 4, ... with
+        C{LISTEN_FDS}, C{LISTEN_PID} (and C{LISTEN_FDNAMES} if
+        C{fdNames}), as systemd's socket activation does.
+    @ivar fdNames: the names of C{inheritFds}.
     """
 
     server: dict[str, object] = field(default_factory=dict)
@@ -166,6 +176,11 @@ class RelayProcess:
     relay: dict[str, object] = field(default_factory=dict)
     senderLoginMap: str | None = None
     listener: dict[str, object] = field(default_factory=dict)
+    endpoints: list[tuple[str, str]] | None = None
+    sections: dict[str, dict[str, object]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    inheritFds: tuple[int, ...] = ()
+    fdNames: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="smtpauth-e2e-")
@@ -195,15 +210,21 @@ class RelayProcess:
         lines += [f"{k} = {toml(v)}" for k, v in server.items()]
         lines += ["", "[tls]"]
         lines += [f"{k} = {toml(v)}" for k, v in tls.items()]
-        for port, mode in (
-            (self.starttlsPort, "starttls"),
-            (self.implicitPort, "implicit"),
-            (self.plainPort, "none"),
-        ):
+        endpoints = self.endpoints
+        if endpoints is None:
+            endpoints = [
+                (f"tcp:port={port}:interface={HOST}", mode)
+                for port, mode in (
+                    (self.starttlsPort, "starttls"),
+                    (self.implicitPort, "implicit"),
+                    (self.plainPort, "none"),
+                )
+            ]
+        for endpoint, mode in endpoints:
             lines += [
                 "",
                 "[[listener]]",
-                f"endpoint = {toml(f'tcp:port={port}:interface={HOST}')}",
+                f"endpoint = {toml(endpoint)}",
                 f"tls = {toml(mode)}",
             ]
             lines += [f"{k} = {toml(v)}" for k, v in self.listener.items()]
@@ -233,11 +254,16 @@ class RelayProcess:
         )
         lines += ["", "[delivery]"]
         lines += [f"{k} = {toml(v)}" for k, v in delivery.items()]
+        for name, keys in self.sections.items():
+            lines += ["", f"[{name}]"]
+            lines += [f"{k} = {toml(v)}" for k, v in keys.items()]
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines) + "\n")
 
     @property
-    def ports(self) -> tuple[int, int, int]:
+    def ports(self) -> tuple[int, ...]:
+        if self.endpoints is not None:
+            return ()
         return (self.starttlsPort, self.implicitPort, self.plainPort)
 
     def log(self) -> str:
@@ -276,9 +302,24 @@ class RelayProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
         )
+        env.update(self.env)
         command = twistdCommand(
             ["-n", "--pidfile=", "smtpauth-relay", "--config", self.configPath]
         )
+        if self.inheritFds:
+            # As systemd does: the sockets become 3, 4, ... and LISTEN_PID
+            # names the process that runs the relay (the launcher execs it).
+            assert min(self.inheritFds) >= 3 + len(self.inheritFds), self.inheritFds
+            env["LISTEN_FDS"] = str(len(self.inheritFds))
+            if self.fdNames:
+                env["LISTEN_FDNAMES"] = ":".join(self.fdNames)
+            command = [
+                sys.executable,
+                "-c",
+                _SOCKET_ACTIVATION_LAUNCHER,
+                ",".join(str(fd) for fd in self.inheritFds),
+                *command,
+            ]
         with open(self.logPath, "ab") as log:
             log.write(f"=== starting: {command}\n".encode())
             log.flush()
@@ -289,6 +330,7 @@ class RelayProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                pass_fds=self.inheritFds,
             )
         _running.add(self)
         try:
@@ -439,6 +481,17 @@ class RelayProcess:
             lambda: f"an empty spool, still: {self.spoolFiles()}\n{self.log()}",
         )
 
+
+_SOCKET_ACTIVATION_LAUNCHER = """
+import os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+for fd in fds:
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 _running: set[RelayProcess] = set()
 

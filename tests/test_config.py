@@ -1915,3 +1915,35 @@ class CheckConfigCommandTests(ConfigTestCase):
         """
         path = self.writeConfig(self.makeDirectory(), complete(""))
         self.assertEqual(self.runCommand(["--", path]), (0, f"{path}: OK\n", ""))
+
+
+class LoggingConfigTests(ConfigTestCase):
+    """
+    C{[logging]}.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the section, logs are text.
+        """
+        config = parseConfig(complete(""), "relay.toml")
+        self.assertEqual(config.logging.format, "text")
+
+    def test_json(self) -> None:
+        """
+        C{format = "json"} is read.
+        """
+        config = parseConfig(complete('[logging]\nformat = "json"\n'), "relay.toml")
+        self.assertEqual(config.logging.format, "json")
+
+    def test_badFormat(self) -> None:
+        """
+        Another format is refused at its line, with the choices.
+        """
+        self.assertEqual(
+            self.problemsOf(complete('[logging]\nformat = "JSON"\n')),
+            [
+                'relay.toml:2: [logging] format: "JSON" is not one of "text", '
+                '"json"; did you mean "json"?'
+            ],
+        )

@@ -27,6 +27,7 @@ from smtpauth_relay.checkers import HtpasswdChecker
 from smtpauth_relay.config import Config, parseConfig
 from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.htpasswd import setUser
+from smtpauth_relay.logformat import JSONLinesObserver, LogObserverRoot
 from smtpauth_relay.passwords import hashPassword
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import RelayServerFactory
@@ -434,6 +435,20 @@ class MakeServiceTests(SynchronousTestCase):
     Tests for L{tap.makeService}.
     """
 
+    def test_jsonLogs(self) -> None:
+        """
+        With C{[logging] format = "json"}, the service twistd gets carries
+        a JSON observer, which it sets on the application.
+        """
+        text, _ = configText(self)
+        options = tap.Options()
+        options.parseOptions(
+            ["--config", writeConfig(self, text + '\n[logging]\nformat = "json"\n')]
+        )
+        top = tap.makeService(options)
+        self.assertIsInstance(top, LogObserverRoot)
+        self.assertIsInstance(top.observer, JSONLinesObserver)
+
     def test_makeService(self) -> None:
         """
         L{tap.makeService} builds the relay from parsed options, with the
@@ -445,9 +460,12 @@ class MakeServiceTests(SynchronousTestCase):
             ["--config", writeConfig(self, text), "--auth", "memory:bob:b"]
         )
         top = tap.makeService(options)
-        self.assertIsInstance(top, MultiService)
+        self.assertIsInstance(top, LogObserverRoot)
+        self.assertIsNone(top.observer)
         self.assertFalse(top.running)
-        factory = [s.factory for s in top if hasattr(s, "factory")][0]
+        [relay] = list(top)
+        self.assertIsInstance(relay, MultiService)
+        factory = [s.factory for s in relay if hasattr(s, "factory")][0]
         chain = factory.portal.checkers[IUsernamePassword]
         self.assertEqual(len(chain.checkers), 2)
         self.assertIs(chain.checkers[1], options["credCheckers"][0])

@@ -1,0 +1,116 @@
+"""
+C{[logging] format = "json"}: one JSON object per log event, one per line,
+for journald, Loki, Elasticsearch and the like.
+
+Each object has C{time} (ISO 8601, UTC), C{level}, C{namespace} (the module
+that logged), C{message} (the same text the human-readable log shows) and
+every named field of the event whose value is plain data (C{user},
+C{peer}, C{mechanism}, C{queueId}, ...).  Fields whose names suggest a
+secret are never written, whatever a caller passed.  A logged failure adds
+C{error} and C{traceback}.
+
+twistd installs the log observer after the service is made but before it
+starts; L{LogObserverRoot} hands ours to twistd as the application's
+C{ILogObserver} component, the way a C{.tac} file would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver, LogEvent, formatEvent
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Field names never written: a secret must not reach a log, even by mistake.
+SECRET_FIELD = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def eventAsDict(event: LogEvent) -> dict[str, Any]:
+    """
+    The JSON-ready form of one log event.
+
+    @param event: a L{twisted.logger} event.
+    @return: a flat dict of plain values (see the module docstring).
+    """
+    level = event.get("log_level")
+    when = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": (
+            datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+            if isinstance(when, (int, float))
+            else None
+        ),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    for name, value in event.items():
+        if name.startswith("log_") or name in record or SECRET_FIELD.search(name):
+            continue
+        if isinstance(value, _PLAIN):
+            record[name] = value
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, _PLAIN) for v in value
+        ):
+            record[name] = list(value)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        kind = failure.type.__name__ if failure.type is not None else "Error"
+        record["error"] = f"{kind}: {failure.getErrorMessage()}"
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """
+    Write each event as one line of JSON to a text file.
+    """
+
+    def __init__(self, outFile: IO[str]) -> None:
+        """
+        @param outFile: where lines go; taken at construction, before twistd
+            redirects C{sys.stdout} into the log.
+        """
+        self._outFile = outFile
+
+    def __call__(self, event: LogEvent) -> None:
+        line = json.dumps(eventAsDict(event), ensure_ascii=False, default=repr)
+        self._outFile.write(line + "\n")
+        self._outFile.flush()
+
+
+class LogObserverRoot(MultiService):
+    """
+    The top service: when twistd adds it to its application, it sets the
+    application's log observer (if one was chosen).
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def observerFor(format: str, outFile: IO[str] | None = None) -> ILogObserver | None:
+    """
+    The log observer for C{[logging] format}, or C{None} for twistd's own.
+
+    @param outFile: where JSON lines go; C{sys.stdout} now if C{None}.
+    """
+    if format == "json":
+        return JSONLinesObserver(outFile if outFile is not None else sys.stdout)
+    return None
