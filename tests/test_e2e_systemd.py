@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,6 +32,7 @@ from tests.e2e_support import (
     RelayProcess,
     SMTPReply,
     clientContext,
+    freePorts,
     poll,
 )
 
@@ -409,3 +411,95 @@ class JSONLogTests(SystemdRelayTestCase):
         self.assertEqual(auth[0]["peer"], HOST)
         self.assertEqual(auth[0]["level"], "info")
         self.assertNotIn(PASSWORD, relay.log())
+
+
+class MetricsTests(SystemdRelayTestCase):
+    """
+    C{[metrics] endpoint} on a running relay, scraped over HTTP and parsed
+    with prometheus-client's parser.
+    """
+
+    def test_scrapeAfterTraffic(self) -> None:
+        """
+        After one good and one failed login, one message accepted and
+        delivered and one refused for its size, the scraped counters say
+        exactly that.
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+
+        [metricsPort] = freePorts(1)
+        relay, _ = self.startRelay(
+            server={"max_message_size": 5000},
+            sections={
+                "metrics": {"endpoint": f"tcp:port={metricsPort}:interface={HOST}"}
+            },
+        )
+        with RawSMTP(relay.starttlsPort) as client:
+            login(client)
+            self.assertEqual(client.command("MAIL FROM:<alice@example.org>").code, 250)
+            self.assertEqual(client.command("RCPT TO:<carol@example.net>").code, 250)
+            self.assertEqual(client.command("DATA").code, 354)
+            client.send(b"Subject: counted\r\n\r\nhello\r\n.\r\n")
+            self.assertEqual(client.reply().code, 250)
+            reply = client.command("MAIL FROM:<alice@example.org> SIZE=9000")
+            self.assertEqual(reply.code, 552, str(reply))
+        with RawSMTP(relay.starttlsPort) as client:
+            self.assertEqual(client.reply().code, 220)
+            client.command(f"EHLO {CLIENT_NAME}")
+            client.command("STARTTLS")
+            client.startTLS()
+            client.command(f"EHLO {CLIENT_NAME}")
+            wrong = base64.b64encode(f"\0{USER}\0wrong".encode()).decode()
+            self.assertEqual(client.command(f"AUTH PLAIN {wrong}").code, 535)
+        relay.waitForDelivery(b"Subject: counted")
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            url = f"http://{HOST}:{metricsPort}/metrics"
+            with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as response:
+                body = response.read().decode()
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(body)
+                for s in family.samples
+            }
+
+        def value(name: str, **labels: str) -> float | None:
+            key = ("smtpauth_relay_" + name, tuple(sorted(labels.items())))
+            return scrape().get(key)
+
+        starttls = f"tcp:port={relay.starttlsPort}:interface={HOST}"
+        poll(
+            lambda: (
+                value("queue_messages") == 0.0
+                and value("connections_open", listener=starttls) == 0.0
+            ),
+            10.0,
+            lambda: "queue empty and sessions closed in the metrics",
+        )
+        samples = scrape()
+
+        def get(name: str, **labels: str) -> float | None:
+            return samples.get(
+                ("smtpauth_relay_" + name, tuple(sorted(labels.items())))
+            )
+
+        # Two sessions, and the probe that saw the relay listening.
+        self.assertEqual(get("connections_total", listener=starttls, tls="starttls"), 3)
+        self.assertEqual(get("connections_open", listener=starttls), 0)
+        self.assertEqual(
+            get("auth_attempts_total", mechanism="PLAIN", result="success"), 1
+        )
+        self.assertEqual(
+            get("auth_attempts_total", mechanism="PLAIN", result="failure"), 1
+        )
+        self.assertEqual(get("messages_accepted_total"), 1)
+        self.assertEqual(get("messages_rejected_total", reason="size"), 1)
+        delivered = sum(
+            v
+            for (name, labels), v in samples.items()
+            if name == "smtpauth_relay_delivery_attempts_total"
+            and ("result", "delivered") in labels
+        )
+        self.assertEqual(delivered, 1)
+        self.assertEqual(get("delivery_latency_seconds_count"), 1)
+        self.assertEqual(get("queue_oldest_age_seconds"), 0)
