@@ -23,6 +23,7 @@ from smtpauth_relay.interfaces import IDeliveryAgent, ISpool, ISpoolWriter
 from smtpauth_relay.threads import runNow
 
 __all__ = [
+    "CheckerContractMixin",
     "FakeTLSConnection",
     "MemoryChecker",
     "MemorySpool",
@@ -239,3 +240,320 @@ class TLSStringTransport(StringTransport):
 
     def getHandle(self) -> FakeTLSConnection:
         return FakeTLSConnection()
+
+
+class CheckerContractMixin:
+    """
+    The operator kit: tests that any credential checker plugin must pass.
+
+    Mix it into a L{twisted.trial.unittest.TestCase} (not a synchronous
+    one: the checker talks to a real backend on the real reactor) and say
+    how to reach a backend that knows one user::
+
+        class MyCheckerTests(CheckerContractMixin, TestCase):
+            authType = "mystore"
+            validUser = ("alice", "wonderland")
+
+            def checkerArgument(self) -> str:
+                return "https://store.example.test/?timeout=5"
+
+            def unavailableArgument(self) -> str:
+                return "https://127.0.0.1:9/"   # nothing listens there
+
+    The tests check that the plugin is found by its strcred name and
+    provides the interfaces it declares; that the right password logs the
+    user in, a wrong one is refused for good (not passed to the next
+    checker), and an unknown user is refused (with L{UnknownUser}, so that
+    the next checker is asked, unless C{distinguishesUnknownUsers} is
+    false); that a dead backend gives L{CheckerUnavailable} through the
+    chain; that C{requestAvatarId} returns at once and leaves the waiting to
+    the reactor; and that a real SMTP session of the relay (in memory) gets
+    C{235}, C{535} and C{454} from them.  A checker with a C{close} method
+    has it called (and waited for) when each test ends.
+
+    @cvar authType: the plugin's strcred name (C{"ldap"} in C{ldap:...}).
+    @cvar validUser: C{(username, password)} of a user the backend knows.
+    @cvar wrongPassword: a password that is not the user's.
+    @cvar unknownUser: a name the backend does not know.
+    @cvar distinguishesUnknownUsers: whether the backend can tell an
+        unknown user from a wrong password (an LDAP bind by DN template or
+        an IMAP login cannot: both are plain refusals).
+    @cvar blockingLimit: seconds C{requestAvatarId} may take before it
+        returns (the best of three tries); the real work must happen off
+        the reactor thread or asynchronously.
+    @cvar answerTimeout: seconds to wait for a backend's answer.
+    """
+
+    authType: str
+    validUser: tuple[str, str]
+    wrongPassword = "not-the-password-Zq7"
+    unknownUser = "no-such-user-7f3a"
+    distinguishesUnknownUsers = True
+    blockingLimit = 0.05
+    answerTimeout = 30.0
+
+    def checkerArgument(self) -> str:
+        """
+        The strcred argument for a live backend that knows L{validUser}.
+        """
+        raise NotImplementedError
+
+    def unavailableArgument(self) -> str:
+        """
+        The strcred argument for a backend that is down (say, a port that
+        refuses connections).
+        """
+        raise NotImplementedError
+
+    def unavailableChecker(self) -> ICredentialsChecker:
+        """
+        A checker whose backend is down: by default, made from
+        L{unavailableArgument}; override this instead when the backend can
+        only fail after the checker is made.
+        """
+        return self.contractChecker(self.unavailableArgument())
+
+    # -- helpers --------------------------------------------------------
+
+    def contractFactory(self) -> Any:
+        from twisted.cred.strcred import findCheckerFactory
+
+        return findCheckerFactory(self.authType)
+
+    def contractChecker(self, argument: str | None = None) -> ICredentialsChecker:
+        """
+        A checker made by the plugin, closed when the test ends.
+        """
+        factory = self.contractFactory()
+        checker = factory.generateChecker(
+            self.checkerArgument() if argument is None else argument
+        )
+        close = getattr(checker, "close", None)
+        if callable(close):
+            self.addCleanup(close)  # type: ignore[attr-defined]
+        return checker
+
+    def contractCredentials(self, username: str, password: str) -> ICredentials:
+        from twisted.cred.credentials import UsernamePassword
+
+        return UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+
+    async def contractOutcome(
+        self, checker: ICredentialsChecker, username: str, password: str
+    ) -> Any:
+        """
+        The avatar id, or the exception, for one login; fails the test if
+        the checker does not answer within L{answerTimeout}.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.defer import maybeDeferred
+
+        d = maybeDeferred(
+            checker.requestAvatarId, self.contractCredentials(username, password)
+        )
+        d.addTimeout(self.answerTimeout, reactor)
+        try:
+            return await d
+        except Exception as e:
+            return e
+
+    # -- the contract -----------------------------------------------------
+
+    def test_contractDiscoverable(self) -> None:
+        """
+        The plugin is found by its strcred name among the installed
+        ICheckerFactory plugins, and provides the interfaces it declares.
+        """
+        from twisted.cred.strcred import ICheckerFactory
+        from twisted.plugin import IPlugin, getPlugins
+        from zope.interface.verify import verifyObject
+
+        factory = self.contractFactory()
+        self.assertEqual(factory.authType, self.authType)  # type: ignore[attr-defined]
+        verifyObject(ICheckerFactory, factory)
+        verifyObject(IPlugin, factory)
+        self.assertIn(  # type: ignore[attr-defined]
+            self.authType, [p.authType for p in getPlugins(ICheckerFactory)]
+        )
+        self.assertTrue(factory.authHelp.strip())  # type: ignore[attr-defined]
+
+    def test_contractInterfaces(self) -> None:
+        """
+        The checker provides ICredentialsChecker, accepts user names and
+        passwords, and declares no credentials interface its factory does
+        not.
+        """
+        from zope.interface.verify import verifyObject
+
+        checker = self.contractChecker()
+        verifyObject(ICredentialsChecker, checker)
+        self.assertIn(IUsernamePassword, checker.credentialInterfaces)  # type: ignore[attr-defined]
+        self.assertLessEqual(  # type: ignore[attr-defined]
+            set(checker.credentialInterfaces),
+            set(self.contractFactory().credentialInterfaces),
+        )
+
+    async def test_contractGoodPassword(self) -> None:
+        """
+        The right password gives the user's name as the avatar id.
+        """
+        username, password = self.validUser
+        result = await self.contractOutcome(self.contractChecker(), username, password)
+        if isinstance(result, bytes):
+            result = result.decode("utf-8")
+        self.assertEqual(result, username)  # type: ignore[attr-defined]
+
+    async def test_contractWrongPassword(self) -> None:
+        """
+        A wrong password for a known user is refused for good: an
+        L{UnauthorizedLogin} that is not L{UnknownUser} (which would let
+        the next checker speak for this user).
+        """
+        username, _ = self.validUser
+        result = await self.contractOutcome(
+            self.contractChecker(), username, self.wrongPassword
+        )
+        self.assertIsInstance(result, UnauthorizedLogin)  # type: ignore[attr-defined]
+        self.assertNotIsInstance(result, UnknownUser)  # type: ignore[attr-defined]
+
+    async def test_contractEmptyPassword(self) -> None:
+        """
+        An empty password never logs a known user in (an LDAP server takes
+        an empty simple bind as an anonymous one).
+        """
+        username, _ = self.validUser
+        result = await self.contractOutcome(self.contractChecker(), username, "")
+        self.assertIsInstance(result, UnauthorizedLogin)  # type: ignore[attr-defined]
+        self.assertNotIsInstance(result, UnknownUser)  # type: ignore[attr-defined]
+
+    async def test_contractUnknownUser(self) -> None:
+        """
+        An unknown user is refused: with L{UnknownUser} where the backend
+        can tell, so the next checker in the chain is asked.
+        """
+        result = await self.contractOutcome(
+            self.contractChecker(), self.unknownUser, self.validUser[1]
+        )
+        expected = UnknownUser if self.distinguishesUnknownUsers else UnauthorizedLogin
+        self.assertIsInstance(result, expected)  # type: ignore[attr-defined]
+
+    async def test_contractUnavailable(self) -> None:
+        """
+        Through the chain, a dead backend gives L{CheckerUnavailable} (the
+        client's 454 4.7.0), never a refusal that would count towards a
+        lockout.
+        """
+        from twisted.internet import reactor
+
+        from smtpauth_relay.auth import ChainChecker
+
+        chain = ChainChecker(
+            [self.unavailableChecker()],
+            reactor,
+            timeout=self.answerTimeout,
+        )
+        username, password = self.validUser
+        result = await self.contractOutcome(chain, username, password)
+        self.assertIsInstance(result, CheckerUnavailable)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+    async def test_contractDoesNotBlock(self) -> None:
+        """
+        C{requestAvatarId} returns its Deferred at once (best of three),
+        for the right and a wrong password: hashing and network waits happen
+        off the reactor thread.
+        """
+        import time
+
+        checker = self.contractChecker()
+        username, password = self.validUser
+        for attempt in (password, self.wrongPassword):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                d = checker.requestAvatarId(self.contractCredentials(username, attempt))
+                times.append(time.perf_counter() - start)
+                try:
+                    await d
+                except UnauthorizedLogin:
+                    pass
+            self.assertLess(min(times), self.blockingLimit)  # type: ignore[attr-defined]
+
+    async def test_contractSession(self) -> None:
+        """
+        In a real SMTP session of the relay, the checker's answers become
+        C{235 2.7.0} (right password), C{535 5.7.8} (wrong password) and
+        C{454 4.7.0} (backend down).
+        """
+        username, password = self.validUser
+        live = self.contractChecker()
+        dead = self.unavailableChecker()
+        self.assertEqual(  # type: ignore[attr-defined]
+            await _contractSessionLogin(live, username, password, self.answerTimeout),
+            b"235",
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            await _contractSessionLogin(
+                live, username, self.wrongPassword, self.answerTimeout
+            ),
+            b"535",
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            await _contractSessionLogin(dead, username, password, self.answerTimeout),
+            b"454",
+        )
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+
+async def _contractSessionLogin(
+    checker: ICredentialsChecker, username: str, password: str, timeout: float
+) -> bytes:
+    """
+    Log in with AUTH PLAIN through a relay session over implicit TLS (in
+    memory) whose only checker is C{checker}; return the reply code.
+    """
+    import base64
+
+    from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock, deferLater
+    from twisted.python.failure import Failure
+
+    from smtpauth_relay.auth import makePortal
+    from smtpauth_relay.policy import RelayPolicy
+    from smtpauth_relay.server import (
+        ConnectionLimiter,
+        RelayServerFactory,
+        SessionSettings,
+    )
+
+    clock = Clock()
+    factory = RelayServerFactory(
+        SessionSettings(hostname="relay.example.test", tlsMode="implicit"),
+        makePortal([checker], reactor),
+        MemorySpool(),
+        RelayPolicy(trustedNetworks=(), trustedRelays=()),
+        ConnectionLimiter(10, 10),
+        clock,
+    )
+    address = IPv4Address("TCP", "192.0.2.10", 40000)
+    transport = TLSStringTransport(peerAddress=address)
+    directlyProvides(transport, ISSLTransport)
+    protocol = factory.buildProtocol(address)
+    protocol.makeConnection(transport)
+    protocol.handshakeCompleted()
+    response = base64.b64encode(f"\0{username}\0{password}".encode())
+    protocol.dataReceived(b"EHLO client.example.test\r\n")
+    transport.clear()
+    protocol.dataReceived(b"AUTH PLAIN " + response + b"\r\n")
+    waited = 0.0
+    try:
+        while not transport.value().endswith(b"\r\n"):
+            if waited > timeout:
+                raise AssertionError(f"no answer to AUTH in {timeout}s")
+            await deferLater(reactor, 0.01, lambda: None)
+            waited += 0.01
+        return transport.value()[:3]
+    finally:
+        protocol.connectionLost(Failure(ConnectionDone()))
