@@ -14,8 +14,9 @@ usage: smtpauth-relay COMMAND [ARGS]
 
 commands:
   check-config PATH     validate a configuration file (exit 0 if valid)
-  passwd FILE USER [--force]
-                        add or replace USER in a password file (bcrypt);
+  passwd [--scheme bcrypt|scram-sha-256|cram-md5] FILE USER [--force]
+                        add or replace USER in a password file (bcrypt, or
+                        SCRAM-SHA-256 / CRAM-MD5 keys for those mechanisms);
                         weak passwords refused unless --force
   audit FILE [--time-limit SECONDS] [--top N] [--jobs N]
                         try the most common passwords against every hash

@@ -61,7 +61,11 @@ LISTENER_TLS_MODES = ("starttls", "implicit", "none")
 #: Values allowed for C{[tls] minimum_version}.
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 #: Values allowed in C{[auth] mechanisms}.
-AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5")
+#: The default of C{[auth] mechanisms}: CRAM-MD5 (obsolete, and its stored
+#: form is as good as the password) only when the admin asks for it.  Each
+#: is offered only when the checkers can serve it (see the README).
+DEFAULT_AUTH_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256")
 #: Values allowed for C{[delivery] mode}.
 DELIVERY_MODES = ("smarthost", "mx", "maildir")
 #: Values allowed for C{[delivery] tls}.
@@ -178,14 +182,15 @@ class AuthConfig:
     C{[auth]}: how submitters authenticate.
 
     @ivar checkers: strcred descriptions, in the order they are asked.
-    @ivar mechanisms: SASL mechanisms offered, upper-case, from
-        L{AUTH_MECHANISMS}.
+    @ivar mechanisms: SASL mechanisms allowed, upper-case, from
+        L{AUTH_MECHANISMS}, in the order EHLO lists them; each is offered
+        only when the checkers can serve it.
     @ivar require_tls: Whether AUTH is refused (and not advertised) before
         TLS.
     """
 
     checkers: tuple[str, ...] = ()
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    mechanisms: tuple[str, ...] = DEFAULT_AUTH_MECHANISMS
     require_tls: bool = True
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
     allowed_networks: str | None = None

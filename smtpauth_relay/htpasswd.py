@@ -3,8 +3,11 @@
 Password files in the C{htpasswd} format: one C{user:hash} per line.
 
 Blank lines and lines starting with C{#} are ignored.  The hashes may be of any
-scheme L{smtpauth_relay.passwords} verifies; new ones are bcrypt.  A file
-written by Apache's C{htpasswd -B} works as it is.
+scheme L{smtpauth_relay.passwords} verifies; new ones are bcrypt unless
+C{passwd --scheme} asks for SCRAM-SHA-256 or CRAM-MD5.  A file written by
+Apache's C{htpasswd -B} works as it is.  A hash never contains white space,
+nor C{:} except in PostgreSQL's SCRAM-SHA-256 layout
+(C{SCRAM-SHA-256$4096:SALT$STOREDKEY:SERVERKEY}).
 
 This module also holds C{smtpauth-relay passwd FILE USER}, which adds or
 replaces one user in such a file.
@@ -68,6 +71,19 @@ def _isValidUsername(user: str) -> bool:
     return True
 
 
+def _validHash(encoded: str) -> bool:
+    """
+    @return: Whether C{encoded} can be stored after C{user:} on a line: not
+        empty, no white space, and no C{:} unless it is a SCRAM-SHA-256 hash
+        in PostgreSQL's layout (which has two).
+    """
+    if not encoded or any(c.isspace() for c in encoded):
+        return False
+    if ":" in encoded:
+        return encoded.startswith("SCRAM-SHA-256$") and encoded.count(":") == 2
+    return True
+
+
 def _splitEntry(line: bytes) -> tuple[str, str] | None:
     """
     Split one line of a password file.
@@ -89,7 +105,7 @@ def _splitEntry(line: bytes) -> tuple[str, str] | None:
         raise ValueError("invalid user name")
     if not encoded:
         raise ValueError("empty hash")
-    if ":" in encoded or any(c.isspace() for c in encoded):
+    if not _validHash(encoded):
         raise ValueError("extra fields after the hash")
     return user, encoded
 
@@ -206,7 +222,7 @@ def setUser(path: str, user: str, encoded: str) -> None:
         it was.
     """
     validateUsername(user)
-    if not encoded or ":" in encoded or any(c.isspace() for c in encoded):
+    if not _validHash(encoded):
         raise ValueError("the hash is empty or contains ':' or white space")
 
     path = os.path.realpath(path)
@@ -288,20 +304,57 @@ def _fsyncDirectory(directory: str) -> None:
         os.close(fd)
 
 
-_USAGE = "usage: smtpauth-relay passwd FILE USER [--force]\n"
+_USAGE = (
+    "usage: smtpauth-relay passwd [--scheme bcrypt|scram-sha-256|cram-md5]"
+    " [--iterations N] FILE USER [--force]\n"
+)
 _HELP = (
     _USAGE
-    + """
+    + f"""
 Add USER to the password file FILE, or change USER's password, with a bcrypt
 hash. The password is read from standard input (one line) when it is not a
 terminal, else asked for twice. FILE is created (mode 0640) if it does not
 exist; other lines are kept.
+
+--scheme scram-sha-256 stores SCRAM-SHA-256 keys instead (PBKDF2 with
+--iterations N, default {passwords.DEFAULT_SCRAM_ITERATIONS}, at least
+{passwords.MIN_SCRAM_ITERATIONS}): the user can then log in with the
+SCRAM-SHA-256 mechanism as well as PLAIN and LOGIN. --scheme cram-md5 stores
+Dovecot's {{CRAM-MD5}} HMAC state, for CRAM-MD5 clients; it is as good as the
+password to anyone who reads the file. A mechanism other than PLAIN and LOGIN
+is offered only when every user of the file has an entry of its scheme.
 
 A weak password is refused: one shorter than 12 characters, one containing
 the user name or (for a USER like alice@example.org) the domain, or one easy
 to guess by zxcvbn's estimate. --force sets it anyway, with a warning.
 """
 )
+
+
+def _takeOption(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """
+    Remove C{NAME VALUE} or C{NAME=VALUE} from C{argv}.
+
+    @return: The other arguments, and the value (C{None} if absent).
+
+    @raise ValueError: If the option has no value or is given twice.
+    """
+    rest: list[str] = []
+    value: str | None = None
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg == name or arg.startswith(name + "="):
+            if value is not None:
+                raise ValueError(f"{name} given twice")
+            if arg == name:
+                value = next(arguments, None)
+                if value is None:
+                    raise ValueError(f"{name} needs a value")
+            else:
+                value = arg[len(name) + 1 :]
+        else:
+            rest.append(arg)
+    return rest, value
 
 
 def passwdCommand(
@@ -314,8 +367,13 @@ def passwdCommand(
     rounds: int = passwords.DEFAULT_BCRYPT_ROUNDS,
 ) -> int:
     """
-    C{smtpauth-relay passwd FILE USER [--force]}: set a user's password in a
-    password file.
+    C{smtpauth-relay passwd [--scheme SCHEME] [--iterations N] FILE USER
+    [--force]}: set a user's password in a password file.
+
+    C{--scheme} is one of L{passwords.NEW_HASH_SCHEMES}: C{bcrypt} (the
+    default), C{scram-sha-256} (whose PBKDF2 iteration count is
+    C{--iterations}) or C{cram-md5}.  The hash is computed in this process,
+    which does nothing else meanwhile.
 
     The password is one line read from C{stdin} when that is not a terminal
     (for scripts: C{echo "$pw" | smtpauth-relay passwd ...}); otherwise it is
@@ -330,7 +388,7 @@ def passwdCommand(
     even with C{--force}.
 
     @param argv: The arguments after C{passwd}: C{[FILE, USER]}, and
-        C{--force} anywhere.
+        C{--force}, C{--scheme} and C{--iterations} anywhere.
     @param stdin: Where to read the password from when it is not a terminal.
     @param stdout: Where the confirmation goes.
     @param stderr: Where errors go.
@@ -344,6 +402,39 @@ def passwdCommand(
     if argv and argv[0] in ("-h", "--help"):
         stdout.write(_HELP)
         return 0
+    try:
+        argv, scheme = _takeOption(argv, "--scheme")
+        argv, iterationsText = _takeOption(argv, "--iterations")
+    except ValueError as e:
+        stderr.write(f"smtpauth-relay passwd: {e}\n{_USAGE}")
+        return 2
+    scheme = (scheme or passwords.BCRYPT).lower()
+    if scheme not in passwords.NEW_HASH_SCHEMES:
+        stderr.write(
+            f"smtpauth-relay passwd: unknown --scheme {scheme!r}: choose one of"
+            f" {', '.join(passwords.NEW_HASH_SCHEMES)}\n"
+        )
+        return 2
+    iterations = passwords.DEFAULT_SCRAM_ITERATIONS
+    if iterationsText is not None:
+        if scheme != passwords.SCRAM_SHA_256:
+            stderr.write(
+                "smtpauth-relay passwd: --iterations is only for"
+                " --scheme scram-sha-256\n"
+            )
+            return 2
+        if not iterationsText.isdigit() or not (
+            passwords.MIN_SCRAM_ITERATIONS
+            <= int(iterationsText)
+            <= passwords.MAX_SCRAM_ITERATIONS
+        ):
+            stderr.write(
+                "smtpauth-relay passwd: --iterations must be a number from"
+                f" {passwords.MIN_SCRAM_ITERATIONS} to"
+                f" {passwords.MAX_SCRAM_ITERATIONS}\n"
+            )
+            return 2
+        iterations = int(iterationsText)
     if len(argv) != 2 or argv[0].startswith("-"):
         stderr.write(_USAGE)
         return 2
@@ -381,13 +472,16 @@ def passwdCommand(
         stderr.write("smtpauth-relay passwd: the password is not valid text\n")
         return 1
     try:
-        encoded = passwords.hashPassword(secret, rounds=rounds)
+        encoded = passwords.hashPassword(
+            secret, rounds=rounds, scheme=scheme, iterations=iterations
+        )
     except ValueError as e:
         stderr.write(f"smtpauth-relay passwd: {e}\n")
         return 1
 
-    # After hashing, so that a password bcrypt cannot take at all is refused
-    # for that, --force or not.
+    # After hashing, so that a password the scheme cannot take at all (over
+    # 72 bytes for bcrypt, refused by SASLprep for SCRAM) is refused for
+    # that, --force or not.
     local, at, domain = user.rpartition("@")
     domains = [domain] if at and local and domain else []
     reasons = checkPassword(password, user, domains)

@@ -1,6 +1,7 @@
 """
-The seams of the relay: the spool, the outbound delivery agents and the
-authenticated identity.
+The seams of the relay: the spool, the outbound delivery agents, the
+authenticated identity and what credential checkers can do for the SASL
+mechanisms beyond PLAIN and LOGIN.
 
 Each real implementation has a fake in L{smtpauth_relay.testing}; tests check
 both with C{verifyObject}.
@@ -11,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from smtpauth_relay.envelope import DeliveryReport, Envelope
+    from smtpauth_relay.passwords import ScramSecrets
 
 
 class ISubmitter(Interface):
@@ -29,6 +32,77 @@ class ISubmitter(Interface):
     username = Attribute("The authenticated identity (C{str}).")
     mechanism = Attribute("The SASL mechanism used (C{str}, e.g. C{'PLAIN'}).")
     tls = Attribute("C{True} if the session was encrypted when it logged in.")
+
+
+class IScramStore(Interface):
+    """
+    A credential checker that keeps SCRAM-SHA-256 secrets (RFC 5802): the
+    salt and iteration count the SCRAM mechanism must send the client in
+    the middle of the exchange, before any credentials can be checked.
+    """
+
+    def scramSecrets(username: str) -> Deferred[ScramSecrets]:
+        """
+        The SCRAM-SHA-256 secrets of a user.
+
+        @param username: The user name (SASLprep'ed, as the client sent it).
+
+        @return: A L{Deferred} firing with the user's
+            L{smtpauth_relay.passwords.ScramSecrets}, or, for a user this
+            checker has no SCRAM secrets for, made-up ones (C{known=False},
+            see L{smtpauth_relay.passwords.fakeScramSecrets}) that look like
+            this checker's real ones; failing with
+            L{smtpauth_relay.errors.CheckerUnavailable} if the backend cannot
+            answer.
+        """
+
+
+class IScramCredentials(ICredentials):
+    """
+    The outcome of a SCRAM-SHA-256 exchange, for the checker to decide on
+    with its stored key: the client's proof, checked without the password.
+    """
+
+    username = Attribute("The user name (UTF-8 C{bytes}, SASLprep'ed).")
+
+    def checkProof(storedKey: bytes) -> bool:
+        """
+        Whether the client's proof matches C{storedKey} (in constant time).
+        """
+
+
+class ICramMD5Credentials(ICredentials):
+    """
+    A CRAM-MD5 (RFC 2195) response, for a checker that keeps the HMAC-MD5
+    state of the password (Dovecot's C{{CRAM-MD5}}) rather than the
+    password itself.
+    """
+
+    username = Attribute("The user name (C{bytes}).")
+
+    def checkCramState(state: bytes) -> bool:
+        """
+        Whether the response matches the password whose
+        L{smtpauth_relay.passwords.cramMD5State} is C{state} (in constant
+        time).
+        """
+
+
+class ISASLMechanisms(Interface):
+    """
+    A credential checker that can tell which SASL mechanisms every one of
+    its users can log in with right now (say, only SCRAM-SHA-256 when every
+    entry of a password file has SCRAM secrets).  The server offers a
+    mechanism other than PLAIN and LOGIN only when every checker of the
+    chain can serve it this way.
+    """
+
+    def saslMechanisms() -> frozenset[str]:
+        """
+        The mechanisms (upper-case names) every user of this checker can log
+        in with now.  Blocking work is not allowed: it is asked at each
+        EHLO.
+        """
 
 
 class ISpoolWriter(Interface):

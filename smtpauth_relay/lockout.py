@@ -252,7 +252,9 @@ class Lockout:
         subnet = subnetOf(host)
         keys = [("ip", f"ip:{ip}", self.settings.max_failures)]
         if user:
-            keys.append(("user", f"user:{user}@{subnet}", self.settings.max_failures))
+            keys.append(
+                ("user", f"user:{userKey(user)}@{subnet}", self.settings.max_failures)
+            )
         keys.append(("net", f"net:{subnet}", self.settings.subnet_max_failures))
         return keys
 
@@ -260,7 +262,7 @@ class Lockout:
         days = self.settings.trusted_after_success
         if not user or not days:
             return False
-        last = self.store.lastSuccess(user, host)
+        last = self.store.lastSuccess(userKey(user), host)
         return last is not None and last >= self.clock.seconds() - days * DAY
 
     def check(self, host: str, user: str | None) -> Lock | None:
@@ -317,8 +319,8 @@ class Lockout:
         A login succeeded: remember the address, forget the user's failures
         from its subnet.
         """
-        self.store.recordSuccess(user, host, self.clock.seconds())
-        self.store.resetFailures(f"user:{user}@{subnetOf(host)}")
+        self.store.recordSuccess(userKey(user), host, self.clock.seconds())
+        self.store.resetFailures(f"user:{userKey(user)}@{subnetOf(host)}")
 
     def expire(self) -> None:
         """
@@ -349,7 +351,9 @@ class Lockout:
         for lock in self.locks():
             kind, _, rest = lock.key.partition(":")
             name = rest.rsplit("@", 1)[0] if kind == "user" else rest
-            if target in (name, rest, lock.key):
+            if target in (name, rest, lock.key) or (
+                kind == "user" and userKey(target) == name
+            ):
                 if self.store.unlock(lock.key):
                     cleared += 1
                     log.info(
@@ -358,6 +362,16 @@ class Lockout:
                         key=_safe(lock.key),
                     )
         return cleared
+
+
+def userKey(user: str) -> str:
+    """
+    The user name as the lockout counts it: case-folded, since most
+    backends (LDAP, IMAP, SQL with a case-insensitive collation) accept any
+    case, and C{Alice}, C{ALICE} and C{alice} must not each get their own
+    ration of guesses.
+    """
+    return user.casefold()
 
 
 def lockoutTimer(lockout: Lockout, interval: float = 60.0) -> TimerService:

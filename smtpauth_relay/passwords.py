@@ -3,14 +3,25 @@
 Password hashes: verifying the schemes found in password files, and making new
 ones.
 
-Three schemes are understood, told apart by their prefix:
+Five schemes are understood, told apart by their prefix:
 
   - C{bcrypt}: C{$2a$}, C{$2b$} and C{$2y$} (what C{htpasswd -B} writes);
   - C{argon2id}: C{$argon2id$} (PHC string format, as argon2-cffi writes);
   - C{sha512-crypt}: C{$6$}, with an optional C{rounds=N$} (glibc crypt(3),
-    C{openssl passwd -6}, C{mkpasswd -m sha-512}, Dovecot C{SHA512-CRYPT}).
+    C{openssl passwd -6}, C{mkpasswd -m sha-512}, Dovecot C{SHA512-CRYPT});
+  - C{scram-sha-256}: the SCRAM-SHA-256 (RFC 5802, RFC 7677) StoredKey and
+    ServerKey, as PostgreSQL writes them
+    (C{SCRAM-SHA-256$ITERATIONS:SALT$STOREDKEY:SERVERKEY}, base64) or as
+    Dovecot does (C{{SCRAM-SHA-256}ITERATIONS,SALT,STOREDKEY,SERVERKEY});
+    the only scheme with which a client can log in with the SCRAM-SHA-256
+    mechanism;
+  - C{cram-md5}: Dovecot's C{{CRAM-MD5}} (the HMAC-MD5 outer and inner MD5
+    states of the password, 64 hex digits); the only scheme with which a
+    client can log in with CRAM-MD5.  It is equivalent to the password for
+    CRAM-MD5 and nearly as weak as unsalted MD5 otherwise: keep such files
+    as secret as plaintext.
 
-New hashes are always bcrypt.
+New hashes are bcrypt unless another scheme is asked for.
 
 Every function here is blocking and CPU-bound (a bcrypt verification at cost 12
 takes a quarter of a second): call them in a thread, never on the reactor
@@ -19,10 +30,17 @@ thread.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import re
+import secrets
+import stringprep
+import struct
 import threading
+import unicodedata
+from dataclasses import dataclass
 
 import bcrypt
 from argon2 import PasswordHasher
@@ -31,11 +49,22 @@ from argon2.exceptions import InvalidHashError, VerificationError
 __all__ = [
     "ARGON2ID",
     "BCRYPT",
+    "CRAM_MD5",
     "DEFAULT_BCRYPT_ROUNDS",
+    "DEFAULT_SCRAM_ITERATIONS",
+    "SCRAM_SHA_256",
     "SHA512_CRYPT",
+    "ScramSecrets",
+    "cramMD5Digest",
+    "cramMD5State",
     "dummyHash",
+    "fakeScramSecrets",
     "hashPassword",
     "hashScheme",
+    "parseCramMD5",
+    "parseScram",
+    "saslprep",
+    "scramSecrets",
     "sha512Crypt",
     "verifyPassword",
 ]
@@ -43,6 +72,35 @@ __all__ = [
 BCRYPT = "bcrypt"
 ARGON2ID = "argon2id"
 SHA512_CRYPT = "sha512-crypt"
+SCRAM_SHA_256 = "scram-sha-256"
+CRAM_MD5 = "cram-md5"
+
+NEW_HASH_SCHEMES = (BCRYPT, SCRAM_SHA_256, CRAM_MD5)
+"""
+The schemes L{hashPassword} writes.
+"""
+
+DEFAULT_SCRAM_ITERATIONS = 10000
+"""
+The PBKDF2 iterations of new SCRAM-SHA-256 entries: above RFC 7677's minimum
+of 4096, and still quick for the client, which computes them at every login.
+"""
+
+MIN_SCRAM_ITERATIONS = 4096
+"""
+RFC 7677 section 4: fewer iterations than this must not be used.
+"""
+
+MAX_SCRAM_ITERATIONS = 10_000_000
+"""
+Entries with more iterations than this are refused as garbled: the server
+verifies PLAIN logins against them, and one should not take minutes.
+"""
+
+SCRAM_SALT_LENGTH = 16
+"""
+Bytes of salt of new SCRAM-SHA-256 entries (as PostgreSQL and Dovecot).
+"""
 
 DEFAULT_BCRYPT_ROUNDS = 12
 """
@@ -57,6 +115,19 @@ bcrypt only ever looks at the first 72 bytes of a password.
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _ARGON2ID_PREFIX = "$argon2id$"
 _SHA512_PREFIX = "$6$"
+_SCRAM_PREFIX = "SCRAM-SHA-256$"
+_SCRAM_DOVECOT_PREFIX = "{SCRAM-SHA-256}"
+_CRAM_MD5_PREFIX = "{CRAM-MD5}"
+
+_SCRAM_HASH = re.compile(
+    r"SCRAM-SHA-256\$(?P<iterations>[0-9]{1,9}):(?P<salt>[A-Za-z0-9+/=]+)"
+    r"\$(?P<storedKey>[A-Za-z0-9+/=]+):(?P<serverKey>[A-Za-z0-9+/=]+)"
+)
+_SCRAM_DOVECOT_HASH = re.compile(
+    r"\{SCRAM-SHA-256\}(?P<iterations>[0-9]{1,9}),(?P<salt>[A-Za-z0-9+/=]+)"
+    r",(?P<storedKey>[A-Za-z0-9+/=]+),(?P<serverKey>[A-Za-z0-9+/=]+)"
+)
+_CRAM_MD5_HASH = re.compile(r"\{CRAM-MD5\}(?P<state>[0-9a-fA-F]{64})")
 
 _SHA512_ROUNDS_DEFAULT = 5000
 _SHA512_ROUNDS_MIN = 1000
@@ -105,8 +176,9 @@ def hashScheme(encoded: str) -> str | None:
 
     @param encoded: A hash as found in a password file.
 
-    @return: L{BCRYPT}, L{ARGON2ID}, L{SHA512_CRYPT}, or C{None} for anything
-        else.  A known prefix does not mean the rest of the hash is well formed.
+    @return: L{BCRYPT}, L{ARGON2ID}, L{SHA512_CRYPT}, L{SCRAM_SHA_256},
+        L{CRAM_MD5}, or C{None} for anything else.  A known prefix does not
+        mean the rest of the hash is well formed.
     """
     if encoded.startswith(_BCRYPT_PREFIXES):
         return BCRYPT
@@ -114,6 +186,10 @@ def hashScheme(encoded: str) -> str | None:
         return ARGON2ID
     if encoded.startswith(_SHA512_PREFIX):
         return SHA512_CRYPT
+    if encoded.startswith((_SCRAM_PREFIX, _SCRAM_DOVECOT_PREFIX)):
+        return SCRAM_SHA_256
+    if encoded.startswith(_CRAM_MD5_PREFIX):
+        return CRAM_MD5
     return None
 
 
@@ -140,25 +216,48 @@ def verifyPassword(password: bytes, encoded: str) -> bool:
         return _verifyArgon2id(password, encoded)
     if scheme == SHA512_CRYPT:
         return _verifySha512Crypt(password, encoded)
+    if scheme == SCRAM_SHA_256:
+        return _verifyScram(password, encoded)
+    if scheme == CRAM_MD5:
+        return _verifyCramMD5(password, encoded)
     return False
 
 
-def hashPassword(password: bytes, *, rounds: int = DEFAULT_BCRYPT_ROUNDS) -> str:
+def hashPassword(
+    password: bytes,
+    *,
+    rounds: int = DEFAULT_BCRYPT_ROUNDS,
+    scheme: str = BCRYPT,
+    iterations: int = DEFAULT_SCRAM_ITERATIONS,
+) -> str:
     """
-    Hash a password for storage, with bcrypt (C{$2b$}).
+    Hash a password for storage: with bcrypt (C{$2b$}) by default.
 
     This is blocking and deliberately slow.
 
     @param password: The password to hash.
     @param rounds: The bcrypt cost, 4 to 31; each step doubles the work.
+    @param scheme: One of L{NEW_HASH_SCHEMES}: L{BCRYPT}; L{SCRAM_SHA_256}
+        (PostgreSQL's layout, a random 16-byte salt, C{iterations}
+        iterations, the password SASLprep'ed); or L{CRAM_MD5} (Dovecot's
+        C{{CRAM-MD5}}).
+    @param iterations: The PBKDF2 iterations of a SCRAM-SHA-256 entry.
 
     @return: The hash, e.g. C{$2b$12$...}.
 
-    @raise ValueError: If C{password} is empty or longer than the 72 bytes
-        bcrypt can use (rather than silently ignore the rest of it).
+    @raise ValueError: If C{password} is empty, longer than the 72 bytes
+        bcrypt can use (rather than silently ignore the rest of it), not
+        valid for SCRAM (not UTF-8, or refused by SASLprep), or if
+        C{scheme} or C{iterations} is not valid.
     """
     if not password:
         raise ValueError("the password is empty")
+    if scheme == SCRAM_SHA_256:
+        return _hashScram(password, iterations)
+    if scheme == CRAM_MD5:
+        return _CRAM_MD5_PREFIX + cramMD5State(password).hex()
+    if scheme != BCRYPT:
+        raise ValueError(f"unknown password scheme {scheme!r}")
     if len(password) > _BCRYPT_MAX_PASSWORD:
         raise ValueError(
             f"the password is longer than the {_BCRYPT_MAX_PASSWORD} bytes"
@@ -355,3 +454,379 @@ def _encodeSha512(digest: bytes) -> str:
         out.append(_CRYPT_ALPHABET[value & 0x3F])
         value >>= 6
     return "".join(out)
+
+
+# -- SASLprep (RFC 4013) ------------------------------------------------------
+
+
+def saslprep(text: str, *, allowUnassigned: bool = False) -> str:
+    """
+    Prepare a user name or password with SASLprep (RFC 4013, the
+    C{stringprep} profile SCRAM uses), with Python's own C{stringprep}
+    tables (Unicode 3.2, as RFC 3454 requires).
+
+    @param text: The string.
+    @param allowUnassigned: Whether code points unassigned in Unicode 3.2
+        are let through: yes for a "query" (what a client sends), no for a
+        "stored string" (a password being set).
+
+    @return: The prepared string.
+
+    @raise ValueError: If C{text} holds a prohibited character (a control
+        character, a private use or non-character code point, ...) or breaks
+        the bidirectional rules (the message names the rule, never the
+        text).
+    """
+    mapped = []
+    for character in text:
+        if stringprep.in_table_c12(character):
+            mapped.append(" ")
+        elif not stringprep.in_table_b1(character):
+            mapped.append(character)
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", "".join(mapped))
+    for character in prepared:
+        if (
+            stringprep.in_table_c12(character)
+            or stringprep.in_table_c21_c22(character)
+            or stringprep.in_table_c3(character)
+            or stringprep.in_table_c4(character)
+            or stringprep.in_table_c5(character)
+            or stringprep.in_table_c6(character)
+            or stringprep.in_table_c7(character)
+            or stringprep.in_table_c8(character)
+            or stringprep.in_table_c9(character)
+        ):
+            raise ValueError("SASLprep: prohibited character")
+        if not allowUnassigned and stringprep.in_table_a1(character):
+            raise ValueError("SASLprep: unassigned code point")
+    if any(stringprep.in_table_d1(character) for character in prepared):
+        if any(stringprep.in_table_d2(character) for character in prepared):
+            raise ValueError("SASLprep: mixed right-to-left and left-to-right text")
+        if not (
+            stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])
+        ):
+            raise ValueError(
+                "SASLprep: right-to-left text must start and end with"
+                " a right-to-left character"
+            )
+    return prepared
+
+
+# -- SCRAM-SHA-256 (RFC 5802, RFC 7677) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ScramSecrets:
+    """
+    What the server keeps of a password for SCRAM-SHA-256 (RFC 5802
+    section 3): enough to check a client's proof and prove itself, not
+    enough to log in as the user.
+
+    @ivar iterations: The PBKDF2 iteration count.
+    @ivar salt: The salt.
+    @ivar storedKey: C{H(HMAC(SaltedPassword, "Client Key"))}.
+    @ivar serverKey: C{HMAC(SaltedPassword, "Server Key")}.
+    @ivar known: C{False} for made-up secrets of a user who has none (see
+        L{fakeScramSecrets}).
+    """
+
+    iterations: int
+    salt: bytes
+    storedKey: bytes
+    serverKey: bytes
+    known: bool = True
+
+    def format(self) -> str:
+        """
+        @return: The secrets as PostgreSQL stores them:
+            C{SCRAM-SHA-256$ITERATIONS:SALT$STOREDKEY:SERVERKEY}.
+        """
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode("ascii")
+
+        return (
+            f"{_SCRAM_PREFIX}{self.iterations}:{b64(self.salt)}"
+            f"${b64(self.storedKey)}:{b64(self.serverKey)}"
+        )
+
+
+def _scramPassword(password: bytes) -> bytes:
+    """
+    The password as SCRAM hashes it: UTF-8, SASLprep'ed as a query.  A
+    password that is not UTF-8 or that SASLprep refuses is used as it is,
+    as PostgreSQL does, so that its entries verify.
+    """
+    try:
+        return saslprep(password.decode("utf-8"), allowUnassigned=True).encode("utf-8")
+    except ValueError:  # UnicodeDecodeError included
+        return password
+
+
+def scramSecrets(password: bytes, salt: bytes, iterations: int) -> ScramSecrets:
+    """
+    Derive the SCRAM-SHA-256 secrets of a password.
+
+    Blocking: PBKDF2 with C{iterations} iterations.
+
+    @param password: The password (UTF-8; SASLprep is applied here).
+    @param salt: The salt.
+    @param iterations: The iteration count.
+    """
+    salted = hashlib.pbkdf2_hmac("sha256", _scramPassword(password), salt, iterations)
+    clientKey = hmac.digest(salted, b"Client Key", "sha256")
+    return ScramSecrets(
+        iterations=iterations,
+        salt=salt,
+        storedKey=hashlib.sha256(clientKey).digest(),
+        serverKey=hmac.digest(salted, b"Server Key", "sha256"),
+    )
+
+
+def _hashScram(password: bytes, iterations: int) -> str:
+    """
+    A new SCRAM-SHA-256 entry; see L{hashPassword}.
+    """
+    if not MIN_SCRAM_ITERATIONS <= iterations <= MAX_SCRAM_ITERATIONS:
+        raise ValueError(
+            f"SCRAM iterations must be between {MIN_SCRAM_ITERATIONS} and"
+            f" {MAX_SCRAM_ITERATIONS}"
+        )
+    try:
+        text = password.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the password is not UTF-8") from None
+    try:
+        prepared = saslprep(text)
+    except ValueError:
+        # The message would not quote the password, but keep it general.
+        raise ValueError(
+            "the password holds characters SCRAM cannot use (SASLprep refuses"
+            " control, private-use and unassigned characters)"
+        ) from None
+    if not prepared:
+        raise ValueError("the password is empty after SASLprep")
+    return scramSecrets(
+        password, secrets.token_bytes(SCRAM_SALT_LENGTH), iterations
+    ).format()
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def parseScram(encoded: str) -> ScramSecrets | None:
+    """
+    Read a SCRAM-SHA-256 entry, in PostgreSQL's layout or Dovecot's.
+
+    @return: The secrets, or C{None} if C{encoded} is not a well-formed
+        SCRAM-SHA-256 entry (wrong layout, keys not 32 bytes, empty salt,
+        iterations outside 1 to L{MAX_SCRAM_ITERATIONS}).
+    """
+    match = _SCRAM_HASH.fullmatch(encoded) or _SCRAM_DOVECOT_HASH.fullmatch(encoded)
+    if match is None:
+        return None
+    iterations = int(match["iterations"])
+    salt = _b64decode(match["salt"])
+    storedKey = _b64decode(match["storedKey"])
+    serverKey = _b64decode(match["serverKey"])
+    if (
+        not 1 <= iterations <= MAX_SCRAM_ITERATIONS
+        or not salt
+        or storedKey is None
+        or serverKey is None
+        or len(storedKey) != 32
+        or len(serverKey) != 32
+    ):
+        return None
+    return ScramSecrets(iterations, salt, storedKey, serverKey)
+
+
+def _verifyScram(password: bytes, encoded: str) -> bool:
+    """
+    Verify a password against a SCRAM-SHA-256 entry: derive the StoredKey
+    and compare it in constant time.
+    """
+    stored = parseScram(encoded)
+    if stored is None:
+        return False
+    derived = scramSecrets(password, stored.salt, stored.iterations)
+    return hmac.compare_digest(derived.storedKey, stored.storedKey)
+
+
+_fakeSecretLock = threading.Lock()
+_fakeSecret: list[bytes] = []
+
+
+def _processSecret() -> bytes:
+    """
+    A random key made once per process, for L{fakeScramSecrets}.
+    """
+    with _fakeSecretLock:
+        if not _fakeSecret:
+            _fakeSecret.append(secrets.token_bytes(32))
+        return _fakeSecret[0]
+
+
+def fakeScramSecrets(username: str, iterations: int) -> ScramSecrets:
+    """
+    Made-up SCRAM secrets for a user who has none, so that the exchange
+    looks the same as for a real user and fails only at the proof.
+
+    The salt is an HMAC of the user name under a key made once per process:
+    asking twice gives the same salt, as for a real user, and nothing tells
+    it from a random one.  The keys are random: no proof matches them.
+
+    @param username: The user name.
+    @param iterations: The iteration count to claim (that of the real
+        entries around, so that it does not stand out).
+
+    @return: Secrets with C{known=False}.
+    """
+    salt = hmac.digest(
+        _processSecret(), b"scram-salt\0" + username.encode("utf-8"), "sha256"
+    )[:SCRAM_SALT_LENGTH]
+    return ScramSecrets(
+        iterations=iterations,
+        salt=salt,
+        storedKey=secrets.token_bytes(32),
+        serverKey=secrets.token_bytes(32),
+        known=False,
+    )
+
+
+# -- CRAM-MD5 (RFC 2195) with Dovecot's stored MD5 states --------------------
+
+_MASK = 0xFFFFFFFF
+_MD5_INITIAL = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
+_MD5_SHIFTS = (
+    (7, 12, 17, 22) * 4 + (5, 9, 14, 20) * 4 + (4, 11, 16, 23) * 4 + (6, 10, 15, 21) * 4
+)
+_MD5_CONSTANTS = (
+    0xD76AA478, 0xE8C7B756, 0x242070DB, 0xC1BDCEEE, 0xF57C0FAF, 0x4787C62A,
+    0xA8304613, 0xFD469501, 0x698098D8, 0x8B44F7AF, 0xFFFF5BB1, 0x895CD7BE,
+    0x6B901122, 0xFD987193, 0xA679438E, 0x49B40821, 0xF61E2562, 0xC040B340,
+    0x265E5A51, 0xE9B6C7AA, 0xD62F105D, 0x02441453, 0xD8A1E681, 0xE7D3FBC8,
+    0x21E1CDE6, 0xC33707D6, 0xF4D50D87, 0x455A14ED, 0xA9E3E905, 0xFCEFA3F8,
+    0x676F02D9, 0x8D2A4C8A, 0xFFFA3942, 0x8771F681, 0x6D9D6122, 0xFDE5380C,
+    0xA4BEEA44, 0x4BDECFA9, 0xF6BB4B60, 0xBEBFBC70, 0x289B7EC6, 0xEAA127FA,
+    0xD4EF3085, 0x04881D05, 0xD9D4D039, 0xE6DB99E5, 0x1FA27CF8, 0xC4AC5665,
+    0xF4292244, 0x432AFF97, 0xAB9423A7, 0xFC93A039, 0x655B59C3, 0x8F0CCC92,
+    0xFFEFF47D, 0x85845DD1, 0x6FA87E4F, 0xFE2CE6E0, 0xA3014314, 0x4E0811A1,
+    0xF7537E82, 0xBD3AF235, 0x2AD7D2BB, 0xEB86D391,
+)  # fmt: skip
+
+_MD5State = tuple[int, int, int, int]
+
+
+def _md5Compress(state: _MD5State, block: bytes) -> _MD5State:
+    """
+    The MD5 compression function (RFC 1321 section 3.4): one 64-byte block.
+
+    hashlib cannot resume from a saved state, which CRAM-MD5 against a
+    stored HMAC state needs; the messages are a challenge and a digest, a
+    couple of blocks, so pure Python is quick enough.
+    """
+    words = struct.unpack("<16I", block)
+    a, b, c, d = state
+    for i in range(64):
+        if i < 16:
+            f = (b & c) | (~b & d)
+            g = i
+        elif i < 32:
+            f = (d & b) | (~d & c)
+            g = (5 * i + 1) % 16
+        elif i < 48:
+            f = b ^ c ^ d
+            g = (3 * i + 5) % 16
+        else:
+            f = c ^ (b | (~d & _MASK))
+            g = (7 * i) % 16
+        f = (f + a + _MD5_CONSTANTS[i] + words[g]) & _MASK
+        shift = _MD5_SHIFTS[i]
+        a, d, c = d, c, b
+        b = (b + ((f << shift) | (f >> (32 - shift)))) & _MASK
+    return (
+        (state[0] + a) & _MASK,
+        (state[1] + b) & _MASK,
+        (state[2] + c) & _MASK,
+        (state[3] + d) & _MASK,
+    )
+
+
+def _md5Finish(state: _MD5State, data: bytes, done: int) -> bytes:
+    """
+    Finish an MD5 computation that has already taken C{done} bytes (a
+    multiple of 64) and reached C{state}, with C{data} as the rest.
+
+    @return: The 16-byte digest.
+    """
+    length = done + len(data)
+    padded = data + b"\x80" + b"\0" * ((55 - len(data)) % 64)
+    padded += struct.pack("<Q", (length * 8) & 0xFFFFFFFFFFFFFFFF)
+    for offset in range(0, len(padded), 64):
+        state = _md5Compress(state, padded[offset : offset + 64])
+    return struct.pack("<4I", *state)
+
+
+def cramMD5State(password: bytes) -> bytes:
+    """
+    The HMAC-MD5 key schedule of a password as Dovecot stores it for
+    CRAM-MD5: the MD5 state after the outer pad block, then after the
+    inner pad block, each as four little-endian 32-bit words.
+
+    @param password: The password (the HMAC key: hashed first if over 64
+        bytes, as HMAC does).
+
+    @return: 32 bytes.
+    """
+    key = hashlib.md5(password).digest() if len(password) > 64 else password
+    key = key.ljust(64, b"\0")
+    inner = _md5Compress(_MD5_INITIAL, bytes(k ^ 0x36 for k in key))
+    outer = _md5Compress(_MD5_INITIAL, bytes(k ^ 0x5C for k in key))
+    return struct.pack("<4I", *outer) + struct.pack("<4I", *inner)
+
+
+def cramMD5Digest(state: bytes, challenge: bytes) -> bytes:
+    """
+    HMAC-MD5 of C{challenge} keyed with the password whose
+    L{cramMD5State} is C{state}: what a CRAM-MD5 client answers (before hex).
+
+    @return: 16 bytes.
+    """
+    outer = _unpackState(state[:16])
+    inner = _unpackState(state[16:32])
+    return _md5Finish(outer, _md5Finish(inner, challenge, 64), 64)
+
+
+def _unpackState(data: bytes) -> _MD5State:
+    """
+    Four little-endian 32-bit words.
+    """
+    a, b, c, d = struct.unpack("<4I", data)
+    return (a, b, c, d)
+
+
+def parseCramMD5(encoded: str) -> bytes | None:
+    """
+    Read a C{{CRAM-MD5}} entry.
+
+    @return: The 32-byte state, or C{None} if C{encoded} is not one.
+    """
+    match = _CRAM_MD5_HASH.fullmatch(encoded)
+    if match is None:
+        return None
+    return bytes.fromhex(match["state"])
+
+
+def _verifyCramMD5(password: bytes, encoded: str) -> bool:
+    """
+    Verify a password against a C{{CRAM-MD5}} entry, in constant time.
+    """
+    stored = parseCramMD5(encoded)
+    if stored is None:
+        return False
+    return hmac.compare_digest(cramMD5State(password), stored)

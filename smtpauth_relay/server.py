@@ -48,7 +48,7 @@ from smtpauth_relay.addresses import (
     parseMailFrom,
     parseRcptTo,
 )
-from smtpauth_relay.auth import LoginContext, Submitter, login
+from smtpauth_relay.auth import LoginContext, Submitter, chainOf, login
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
 from smtpauth_relay.interfaces import ISpool
@@ -59,11 +59,14 @@ from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.rdns import confirmedName
 from smtpauth_relay.replies import Reply
 from smtpauth_relay.sasl import (
+    CLIENT_FIRST,
     MECHANISMS,
     AuthorizationRefused,
-    Login,
+    ChannelBindingNotSupported,
+    Mechanism,
     MechanismError,
-    Plain,
+    Step,
+    makeMechanism,
 )
 from smtpauth_relay.senders import SenderLoginMap, headerFromAddresses
 from smtpauth_relay.submission import MessageIntake
@@ -110,6 +113,9 @@ _COMMANDS = {
 _HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"}
 
 TLS_MODES = ("starttls", "implicit", "none")
+
+_CHANNEL_BINDING_REFUSED = Reply(501, "5.5.2", "Channel binding is not supported")
+"""A SCRAM client asked for channel binding (C{p=}); no -PLUS is offered."""
 
 
 @dataclass(frozen=True)
@@ -258,7 +264,10 @@ class RelayESMTP(smtp.ESMTP):
         self._mail: MailFrom | None = None
         self._recipients: list[str] = []
         self._intake: MessageIntake | None = None
-        self._mechanism: Plain | Login | None = None
+        self._mechanism: Mechanism | None = None
+        self._authenticated: Submitter | None = None
+        """Logged in, waiting for the empty answer to a final challenge."""
+        self._lost = False
         self._errors = 0
         self._counted = False
         self._peer = ""
@@ -349,6 +358,8 @@ class RelayESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
+        self._endAuth()
         if self._sessionCall is not None and self._sessionCall.active():
             self._sessionCall.cancel()
         self._sessionCall = None
@@ -561,8 +572,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def _lineTooLong(self) -> None:
         if self._mode == "auth":
-            self._mode = "command"
-            self._mechanism = None
+            self._endAuth()
         self._error(replies.LINE_TOO_LONG)
 
     def _command(self, line: bytes) -> None:
@@ -640,6 +650,19 @@ class RelayESMTP(smtp.ESMTP):
     def _authAvailable(self) -> bool:
         return bool(self.settings.mechanisms) and bool(self.factory.portal.checkers)
 
+    def _offeredMechanisms(self) -> list[str]:
+        """
+        The configured mechanisms the relay implements and the checkers can
+        serve now (see L{smtpauth_relay.auth.ChainChecker.mechanisms}).
+        """
+        implemented = [m for m in self.settings.mechanisms if m in MECHANISMS]
+        chain = chainOf(self.factory.portal)
+        if chain is None:
+            # A portal not made by makePortal: assume its checkers take
+            # passwords.
+            return [m for m in implemented if m in ("PLAIN", "LOGIN")]
+        return chain.mechanisms(implemented)
+
     def _extensionLines(self) -> list[str]:
         lines = [
             "PIPELINING",
@@ -650,7 +673,9 @@ class RelayESMTP(smtp.ESMTP):
         if self.canStartTLS and not self._secure:
             lines.append("STARTTLS")
         if self._authAvailable() and (self._secure or not self.settings.requireTLS):
-            lines.append("AUTH " + " ".join(self.settings.mechanisms))
+            offered = self._offeredMechanisms()
+            if offered:
+                lines.append("AUTH " + " ".join(offered))
         return lines
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
@@ -737,23 +762,39 @@ class RelayESMTP(smtp.ESMTP):
             self._error(replies.SYNTAX)
             return None
         name = parts[0].upper().decode("ascii", "replace")
-        if name not in self.settings.mechanisms or name not in MECHANISMS:
+        if name not in self._offeredMechanisms():
             self._error(replies.AUTH_UNKNOWN_MECHANISM)
             return None
-        self._mechanism = MECHANISMS[name]()
+        chain = chainOf(self.factory.portal)
+        assert chain is not None  # only PLAIN and LOGIN are offered without
+        mechanism = makeMechanism(
+            name, chain, self.settings.hostname, self.clock.seconds()
+        )
+        self._mechanism = mechanism
         if len(parts) == 2:
+            if name not in CLIENT_FIRST:
+                self._endAuth()
+                self._error(replies.AUTH_BAD_BASE64)
+                return None
             initial = b"" if parts[1] == b"=" else parts[1]
             return self._authStep(initial, encoded=parts[1] != b"=")
         self._mode = "auth"
-        self.reply(
-            Reply(334, None, base64.b64encode(self._mechanism.challenge()).decode())
-        )
+        self.reply(Reply(334, None, base64.b64encode(mechanism.challenge()).decode()))
         return None
 
     def _authResponse(self, line: bytes) -> None:
         if line.strip() == b"*":
             self._endAuth()
             self._error(replies.AUTH_ABORTED)
+            return
+        submitter = self._authenticated
+        if submitter is not None:
+            # The answer to the final challenge (SCRAM's v=): must be empty.
+            self._endAuth()
+            if line.strip():
+                self._error(replies.AUTH_BAD_BASE64)
+            else:
+                self._authComplete(submitter)
             return
         result = self._authStep(line.strip(), encoded=True)
         if result is not None:
@@ -762,8 +803,15 @@ class RelayESMTP(smtp.ESMTP):
     def _endAuth(self) -> None:
         self._mode = "command"
         self._mechanism = None
+        self._authenticated = None
 
     def _authStep(self, data: bytes, encoded: bool) -> Deferred[Any] | None:
+        """
+        Feed a response to the mechanism under way.
+
+        @return: a L{Deferred} while the answer (a SCRAM lookup, the
+            checkers) is awaited; input waits meanwhile.
+        """
         assert self._mechanism is not None
         mechanism = self._mechanism
         if encoded:
@@ -775,21 +823,72 @@ class RelayESMTP(smtp.ESMTP):
                 return None
         try:
             step = mechanism.respond(data)
-        except MechanismError:
-            self._endAuth()
-            self._error(replies.AUTH_BAD_BASE64)
-            return None
-        except AuthorizationRefused as e:
-            self._endAuth()
-            return self._authFailed(
-                mechanism.name, "authorization identity refused", e.username
+        except (MechanismError, AuthorizationRefused) as e:
+            return self._mechanismRefused(mechanism, e)
+        if isinstance(step, Deferred):
+            # Between the client's messages something must be looked up:
+            # wait for it without holding the reactor.  Meanwhile the
+            # session may end, or time out as a whole.
+            self._mode = "auth"
+            return step.addCallbacks(
+                self._authStepped,
+                self._authStepFailed,
+                callbackArgs=(mechanism,),
+                errbackArgs=(mechanism,),
             )
+        return self._authStepped(step, mechanism)
+
+    def _mechanismRefused(
+        self, mechanism: Mechanism, error: Exception
+    ) -> Deferred[None] | None:
+        """
+        The client's response is malformed (501), or asks to act as someone
+        else (a failed login).
+        """
+        self._endAuth()
+        if isinstance(error, AuthorizationRefused):
+            return self._authFailed(
+                mechanism.name, "authorization identity refused", error.username
+            )
+        if isinstance(error, ChannelBindingNotSupported):
+            self._error(_CHANNEL_BINDING_REFUSED)
+        else:
+            self._error(replies.AUTH_BAD_BASE64)
+        return None
+
+    def _authStepFailed(
+        self, failure: Failure, mechanism: Mechanism
+    ) -> Deferred[None] | None:
+        """
+        A step that had to look something up failed: the checkers could
+        not answer (454), or the response was refused after all.
+        """
+        if self._lost or self._mechanism is not mechanism:
+            return None
+        error = failure.check(MechanismError, AuthorizationRefused)
+        if error is not None:
+            return self._mechanismRefused(mechanism, cast(Exception, failure.value))
+        self._endAuth()
+        return self._authError(
+            failure, mechanism.name, getattr(mechanism, "username", "")
+        )
+
+    def _authStepped(self, step: Step, mechanism: Mechanism) -> Deferred[Any] | None:
+        """
+        The mechanism answered: send its challenge, or check the
+        credentials it produced.
+        """
+        if self._lost or self._mechanism is not mechanism:
+            # The session ended (or the exchange was abandoned) meanwhile.
+            return None
         if isinstance(step, bytes):
             self._mode = "auth"
             self.reply(Reply(334, None, base64.b64encode(step).decode()))
             return None
         self._endAuth()
-        username = step.username.decode("utf-8", "replace")
+        username = cast(bytes, getattr(step, "username", b"")).decode(
+            "utf-8", "replace"
+        )
         lockout = self.factory.lockout
         lock = lockout.check(self._peer, username) if lockout is not None else None
         if lock is not None:
@@ -811,11 +910,14 @@ class RelayESMTP(smtp.ESMTP):
         d.addCallbacks(
             self._authSucceeded,
             self._authError,
+            callbackArgs=(mechanism,),
             errbackArgs=(mechanism.name, username),
         )
         return d
 
-    def _authSucceeded(self, submitter: Submitter) -> Deferred[None] | None:
+    def _authSucceeded(
+        self, submitter: Submitter, mechanism: Mechanism | None = None
+    ) -> Deferred[None] | None:
         networks = self.factory.userNetworks
         if networks is not None and not networks.mayLogIn(
             submitter.username, self._peer
@@ -823,6 +925,24 @@ class RelayESMTP(smtp.ESMTP):
             return self._authFailed(
                 submitter.mechanism, "not allowed from this network", submitter.username
             )
+        final = mechanism.finalChallenge() if mechanism is not None else None
+        if final is not None:
+            if self._lost:
+                return None
+            # SCRAM: the server proves itself (v=) before 235; the client
+            # answers with an empty line.
+            self._mechanism = mechanism
+            self._authenticated = submitter
+            self._mode = "auth"
+            self.reply(Reply(334, None, base64.b64encode(final).decode()))
+            return None
+        self._authComplete(submitter)
+        return None
+
+    def _authComplete(self, submitter: Submitter) -> None:
+        """
+        The session is logged in as C{submitter}: 235.
+        """
         self._submitter = submitter
         self.factory.metrics.authAttempt(submitter.mechanism, "success")
         if self.factory.lockout is not None:
@@ -835,7 +955,6 @@ class RelayESMTP(smtp.ESMTP):
             result="success",
         )
         self.reply(replies.AUTH_OK)
-        return None
 
     def _authError(
         self, failure: Failure, mechanism: str, username: str

@@ -23,7 +23,7 @@ from twisted.cred.checkers import (
 )
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -231,6 +231,7 @@ def makeRelayService(
             top
         )
     AgentCloser(agent, runner).setServiceParent(top)
+    CheckerCloser(portal).setServiceParent(top)
     # After prepare(): the spool lock is what makes removing a stale control
     # socket safe.
     makeControlService(
@@ -334,7 +335,9 @@ class Relay:
             self.tlsContext.options = prepared.options
         chain = self.portal.checkers.get(IUsernamePassword)
         if isinstance(chain, ChainChecker):
+            replaced = [c for c in chain.checkers if c not in prepared.checkers]
             chain.checkers = prepared.checkers
+            closeCheckers(replaced)
         policy = RelayPolicy(
             trustedNetworks=new.relay.trusted_networks,
             trustedRelays=new.relay.trusted_relays,
@@ -524,6 +527,39 @@ class AgentCloser(Service):
                 await closing()
 
         return Deferred.fromCoroutine(close())
+
+
+def closeCheckers(checkers: list[ICredentialsChecker]) -> Deferred[None]:
+    """
+    Call C{close()} on each checker that has one (a plugin's connections or
+    pool), logging rather than raising what goes wrong.
+    """
+
+    async def close() -> None:
+        for checker in checkers:
+            closing = getattr(checker, "close", None)
+            if not callable(closing):
+                continue
+            try:
+                await maybeDeferred(closing)
+            except Exception:
+                log.failure("closing credential checker {checker!r}", checker=checker)
+
+    return Deferred.fromCoroutine(close())
+
+
+class CheckerCloser(Service):
+    """
+    At shutdown, closes the credential checkers (see L{closeCheckers}).
+    """
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        chain = self.portal.checkers.get(IUsernamePassword)
+        return closeCheckers(list(getattr(chain, "checkers", [])))
 
 
 class SessionDrain(Service):

@@ -22,9 +22,20 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay.auth import ChainChecker
 from smtpauth_relay.checkers import HtpasswdChecker
 from smtpauth_relay.errors import CheckerUnavailable, UnknownUser
-from smtpauth_relay.passwords import dummyHash, hashPassword, verifyPassword
+from smtpauth_relay.interfaces import ISASLMechanisms, IScramStore
+from smtpauth_relay.passwords import (
+    CRAM_MD5,
+    SCRAM_SHA_256,
+    ScramSecrets,
+    dummyHash,
+    hashPassword,
+    verifyPassword,
+)
+from smtpauth_relay.sasl import CramMD5, ScramCredentials, ScramSHA256
+from smtpauth_relay.testing import MemoryChecker
 
 ALICE_PASSWORD = b"alice's secret"
 BOB_PASSWORD = b"bob's secret"
@@ -180,13 +191,16 @@ class HtpasswdCheckerTests(SynchronousTestCase):
 
     def test_interface(self) -> None:
         """
-        The checker provides L{ICredentialsChecker} for username/password
-        credentials.
+        The checker provides L{ICredentialsChecker} for username/password,
+        SCRAM and CRAM-MD5 credentials, L{IScramStore} and
+        L{ISASLMechanisms}.
         """
         self.assertTrue(verifyObject(ICredentialsChecker, self.checker))
+        self.assertTrue(verifyObject(IScramStore, self.checker))
+        self.assertTrue(verifyObject(ISASLMechanisms, self.checker))
         self.assertEqual(
             [i.__name__ for i in self.checker.credentialInterfaces],
-            ["IUsernamePassword"],
+            ["IUsernamePassword", "IScramCredentials", "ICramMD5Credentials"],
         )
 
     def test_boundedWaitingChecks(self) -> None:
@@ -470,6 +484,295 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.assertTrue(checker.dummyHash.startswith("$2b$12$"))
 
 
+def scramLogin(store: Any, checker: Any, username: str, password: str) -> Deferred[str]:
+    """
+    A SCRAM-SHA-256 exchange of scramp's client with L{ScramSHA256} over
+    C{store}, whose credentials go to C{checker}.
+    """
+    from scramp import ScramClient
+
+    mechanism = ScramSHA256(store)
+    client = ScramClient(["SCRAM-SHA-256"], username, password)
+    first: list[bytes] = []
+    step = mechanism.respond(client.get_client_first().encode())
+    assert isinstance(step, Deferred)
+    step.addCallback(first.append)
+    client.set_server_first(first[0].decode())
+    credentials = mechanism.respond(client.get_client_final().encode())
+    assert isinstance(credentials, ScramCredentials)
+    return checker.requestAvatarId(credentials)
+
+
+def cramLogin(checker: Any, username: bytes, password: bytes) -> Deferred[str]:
+    """
+    A CRAM-MD5 response computed from C{password}, checked by C{checker}.
+    """
+    import hmac
+
+    mechanism = CramMD5("relay.test", 0)
+    digest = hmac.digest(password, mechanism.challenge(), "md5").hex()
+    return checker.requestAvatarId(mechanism.respond(username + b" " + digest.encode()))
+
+
+class HtpasswdSASLTests(SynchronousTestCase):
+    """
+    L{HtpasswdChecker} with SCRAM-SHA-256 and C{{CRAM-MD5}} entries.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "users")
+        self.scram = hashPassword(ALICE_PASSWORD, scheme=SCRAM_SHA_256, iterations=4096)
+        self.cram = hashPassword(BOB_PASSWORD, scheme=CRAM_MD5)
+        self.writeUsers(f"alice:{self.scram}\nbob:{self.cram}\n")
+        self.spy = SynchronousThreadSpy()
+        self.checker = HtpasswdChecker(self.path, runInThread=self.spy)
+
+    def writeUsers(self, text: str) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(text)
+        # A new modification time even within the clock's resolution.
+        stat = os.stat(self.path)
+        os.utime(self.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    def test_passwordAgainstScramAndCram(self) -> None:
+        """
+        PLAIN and LOGIN passwords verify against SCRAM and CRAM-MD5 entries
+        (in a thread), and wrong ones do not.
+        """
+        ok = self.checker.requestAvatarId(UsernamePassword(b"alice", ALICE_PASSWORD))
+        self.assertEqual(self.successResultOf(ok), "alice")
+        ok = self.checker.requestAvatarId(UsernamePassword(b"bob", BOB_PASSWORD))
+        self.assertEqual(self.successResultOf(ok), "bob")
+        self.assertEqual([f for f, _ in self.spy.calls], [verifyPassword] * 2)
+        for user, password in [(b"alice", BOB_PASSWORD), (b"bob", ALICE_PASSWORD)]:
+            d = self.checker.requestAvatarId(UsernamePassword(user, password))
+            failure = self.failureResultOf(d, UnauthorizedLogin)
+            self.assertIsNone(failure.check(UnknownUser))
+
+    def test_scram(self) -> None:
+        """
+        A SCRAM exchange with the right password logs in; a wrong one is
+        L{UnauthorizedLogin}, an unknown user L{UnknownUser} (after made-up
+        secrets), and a user whose entry is not SCRAM L{UnauthorizedLogin}.
+        """
+        password = ALICE_PASSWORD.decode()
+        d = scramLogin(self.checker, self.checker, "alice", password)
+        self.assertEqual(self.successResultOf(d), "alice")
+        d = scramLogin(self.checker, self.checker, "alice", "wrong")
+        self.assertIsNone(self.failureResultOf(d, UnauthorizedLogin).check(UnknownUser))
+        d = scramLogin(self.checker, self.checker, "mallory", password)
+        self.failureResultOf(d, UnknownUser)
+        d = scramLogin(self.checker, self.checker, "bob", BOB_PASSWORD.decode())
+        self.assertIsNone(self.failureResultOf(d, UnauthorizedLogin).check(UnknownUser))
+        self.assertEqual(self.spy.calls, [])
+
+    def test_scramSecrets(self) -> None:
+        """
+        The store gives a SCRAM user's secrets; for others, made-up ones
+        with the file's usual iteration count, the same each time.
+        """
+        found = self.successResultOf(self.checker.scramSecrets("alice"))
+        self.assertTrue(found.known)
+        self.assertEqual(found.format(), self.scram)
+        fake = self.successResultOf(self.checker.scramSecrets("mallory"))
+        self.assertFalse(fake.known)
+        self.assertEqual(fake.iterations, 4096)
+        again = self.successResultOf(self.checker.scramSecrets("mallory"))
+        self.assertEqual(again.salt, fake.salt)
+        self.assertFalse(self.successResultOf(self.checker.scramSecrets("bob")).known)
+
+    def test_cramMD5(self) -> None:
+        """
+        A CRAM-MD5 response checks against a C{{CRAM-MD5}} entry; wrong,
+        unknown and non-CRAM users are refused as for SCRAM.
+        """
+        d = cramLogin(self.checker, b"bob", BOB_PASSWORD)
+        self.assertEqual(self.successResultOf(d), "bob")
+        d = cramLogin(self.checker, b"bob", b"wrong")
+        self.assertIsNone(self.failureResultOf(d, UnauthorizedLogin).check(UnknownUser))
+        self.failureResultOf(cramLogin(self.checker, b"mallory", b"x"), UnknownUser)
+        d = cramLogin(self.checker, b"alice", ALICE_PASSWORD)
+        self.assertIsNone(self.failureResultOf(d, UnauthorizedLogin).check(UnknownUser))
+        d = cramLogin(self.checker, b"\xff", b"x")
+        self.assertIsNone(self.failureResultOf(d, UnauthorizedLogin).check(UnknownUser))
+
+    def test_mechanisms(self) -> None:
+        """
+        SCRAM-SHA-256 (CRAM-MD5) is served only while every entry of the
+        file is SCRAM (CRAM-MD5); the file is looked at again when it
+        changes; an unreadable file serves only PLAIN and LOGIN (whose
+        logins then get 454).
+        """
+        self.assertEqual(self.checker.saslMechanisms(), {"PLAIN", "LOGIN"})
+        self.writeUsers(f"alice:{self.scram}\n")
+        self.assertEqual(
+            self.checker.saslMechanisms(), {"PLAIN", "LOGIN", "SCRAM-SHA-256"}
+        )
+        self.writeUsers(f"bob:{self.cram}\n# comment\n")
+        self.assertEqual(self.checker.saslMechanisms(), {"PLAIN", "LOGIN", "CRAM-MD5"})
+        self.writeUsers(f"bob:{self.cram}\ncarol:{CAROL_SHA512}\n")
+        self.assertEqual(self.checker.saslMechanisms(), {"PLAIN", "LOGIN"})
+        self.checker.path = os.path.join(self.path, "not-a-directory")
+        self.assertEqual(self.checker.saslMechanisms(), {"PLAIN", "LOGIN"})
+
+    def test_dummyFollowsFile(self) -> None:
+        """
+        Without a given dummy hash, an unknown user's password is checked
+        against a dummy of the scheme most entries have, so that it costs
+        what a known user's does.
+        """
+        self.writeUsers(f"alice:{self.scram}\n")
+        self.failureResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"mallory", b"x")),
+            UnknownUser,
+        )
+        self.assertTrue(self.spy.calls[-1][1][1].startswith("SCRAM-SHA-256$4096:"))
+        self.writeUsers(f"bob:{self.cram}\n")
+        self.failureResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"mallory", b"x")),
+            UnknownUser,
+        )
+        self.assertTrue(self.spy.calls[-1][1][1].startswith("{CRAM-MD5}"))
+        self.writeUsers(f"carol:{CAROL_SHA512}\n")
+        self.failureResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"mallory", b"x")),
+            UnknownUser,
+        )
+        self.assertTrue(self.spy.calls[-1][1][1].startswith("$2b$"))
+
+    def test_scramSecretsUnavailable(self) -> None:
+        """
+        An unreadable file fails the secrets lookup with
+        L{CheckerUnavailable}.
+        """
+        self.checker.path = os.path.join(self.path, "not-a-directory")
+        self.failureResultOf(self.checker.scramSecrets("alice"), CheckerUnavailable)
+
+
+class ChainSASLTests(SynchronousTestCase):
+    """
+    L{ChainChecker} with SCRAM stores and mechanisms, over htpasswd and
+    memory checkers.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.paths = [os.path.join(directory, name) for name in ("one", "two")]
+        with open(self.paths[0], "w") as f:
+            f.write(
+                "alice:"
+                + hashPassword(ALICE_PASSWORD, scheme=SCRAM_SHA_256, iterations=5000)
+                + "\n"
+            )
+        with open(self.paths[1], "w") as f:
+            f.write(
+                "bob:"
+                + hashPassword(BOB_PASSWORD, scheme=SCRAM_SHA_256, iterations=6000)
+                + "\n"
+            )
+        self.spy = SynchronousThreadSpy()
+        self.checkers = [
+            HtpasswdChecker(path, runInThread=self.spy) for path in self.paths
+        ]
+        self.chain = ChainChecker(self.checkers, self.clock)
+
+    def test_interface(self) -> None:
+        """
+        The chain is an L{IScramStore}.
+        """
+        self.assertTrue(verifyObject(IScramStore, self.chain))
+
+    def test_secretsInOrder(self) -> None:
+        """
+        The first checker with secrets for the user gives them; for a user
+        no checker has, the first checker's made-up ones.
+        """
+        self.assertEqual(
+            self.successResultOf(self.chain.scramSecrets("bob")).iterations, 6000
+        )
+        self.assertEqual(
+            self.successResultOf(self.chain.scramSecrets("alice")).iterations, 5000
+        )
+        fake = self.successResultOf(self.chain.scramSecrets("mallory"))
+        self.assertEqual((fake.known, fake.iterations), (False, 5000))
+
+    def test_loginThroughChain(self) -> None:
+        """
+        A SCRAM login of a user of the second checker goes through the
+        first (unknown user) to the second; an unknown one fails with
+        L{UnauthorizedLogin}.
+        """
+        d = scramLogin(self.chain, self.chain, "bob", BOB_PASSWORD.decode())
+        self.assertEqual(self.successResultOf(d), "bob")
+        d = scramLogin(self.chain, self.chain, "mallory", "x")
+        self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_mechanisms(self) -> None:
+        """
+        PLAIN and LOGIN are offered when any checker takes passwords; SCRAM
+        and CRAM-MD5 only when every checker serves them, in the allowed
+        order.  A memory checker with passwords serves CRAM-MD5 (Twisted's
+        C{memory:} takes L{IUsernameHashedPassword}), ours not SCRAM.
+        """
+        allowed = ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN"]
+        self.assertEqual(
+            self.chain.mechanisms(allowed), ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
+        )
+        self.chain.checkers.append(MemoryChecker(carol="x"))
+        self.assertEqual(self.chain.mechanisms(allowed), ["PLAIN", "LOGIN"])
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+        self.chain.checkers = [InMemoryUsernamePasswordDatabaseDontUse(carol=b"x")]
+        self.assertEqual(self.chain.mechanisms(allowed), ["CRAM-MD5", "PLAIN", "LOGIN"])
+        self.chain.checkers = []
+        self.assertEqual(self.chain.mechanisms(allowed), [])
+
+    def test_secretsUnavailable(self) -> None:
+        """
+        A store that cannot answer fails the lookup with
+        L{CheckerUnavailable}; one that raises something else too.
+        """
+        self.checkers[0].path = os.path.join(self.paths[0], "x")
+        self.failureResultOf(self.chain.scramSecrets("bob"), CheckerUnavailable)
+
+        @implementer(IScramStore)
+        class Broken:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def scramSecrets(self, username: str) -> Deferred[ScramSecrets]:
+                raise RuntimeError("boom")
+
+        self.chain.checkers = [Broken()]
+        self.failureResultOf(self.chain.scramSecrets("bob"), CheckerUnavailable)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_secretsTimeout(self) -> None:
+        """
+        A store that does not answer in its timeout fails the lookup with
+        L{CheckerUnavailable}.
+        """
+
+        @implementer(IScramStore)
+        class Silent:
+            credentialInterfaces = (IUsernamePassword,)
+            timeout = 2.0
+
+            def scramSecrets(self, username: str) -> Deferred[ScramSecrets]:
+                return Deferred()
+
+        self.chain.checkers = [Silent()]
+        d = self.chain.scramSecrets("bob")
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.failureResultOf(d, CheckerUnavailable)
+
+
 class HtpasswdPluginTests(SynchronousTestCase):
     """
     Tests for the C{htpasswd} strcred plugin.
@@ -493,7 +796,11 @@ class HtpasswdPluginTests(SynchronousTestCase):
         self.assertEqual(factory.authType, "htpasswd")
         self.assertIn("bcrypt", factory.authHelp)
         self.assertEqual(
-            [i.__name__ for i in factory.credentialInterfaces], ["IUsernamePassword"]
+            [i.__name__ for i in factory.credentialInterfaces],
+            ["IUsernamePassword", "IScramCredentials", "ICramMD5Credentials"],
+        )
+        self.assertEqual(
+            factory.credentialInterfaces, HtpasswdChecker.credentialInterfaces
         )
 
     def test_generateChecker(self) -> None:

@@ -150,7 +150,7 @@ class PasswdDispatchTests(SynchronousTestCase):
         """
         status, out, err = run("passwd")
         self.assertEqual((status, out), (2, ""))
-        self.assertIn("passwd FILE USER", err)
+        self.assertIn("[--iterations N] FILE USER", err)
 
     def test_help(self) -> None:
         """
@@ -158,7 +158,8 @@ class PasswdDispatchTests(SynchronousTestCase):
         """
         status, out, _ = run("passwd", "--help")
         self.assertEqual(status, 0)
-        self.assertIn("passwd FILE USER", out)
+        self.assertIn("[--iterations N] FILE USER", out)
+        self.assertIn("--scheme scram-sha-256", out)
 
     def test_setsPassword(self) -> None:
         """

@@ -263,7 +263,7 @@ directory = "/var/mail/relay"
         )
         self.assertEqual(config.tls, TLSConfig(None, None, "TLSv1.2"))
         self.assertEqual(config.auth.checkers, ())
-        self.assertEqual(config.auth.mechanisms, ("PLAIN", "LOGIN"))
+        self.assertEqual(config.auth.mechanisms, ("PLAIN", "LOGIN", "SCRAM-SHA-256"))
         self.assertEqual(config.relay, RelayConfig((), ()))
         self.assertEqual(config.queue, QueueConfig("/var/spool/smtpauth-relay"))
         self.assertEqual(config.delivery, DeliveryConfig("maildir", "/srv/mail"))
@@ -1136,18 +1136,19 @@ class EnumTests(ConfigTestCase):
 
     def test_mechanisms(self) -> None:
         """
-        Mechanisms other than PLAIN and LOGIN are reported by index.
+        Mechanisms other than PLAIN, LOGIN, SCRAM-SHA-256 and CRAM-MD5 are
+        reported by index.
         """
         text = (
             "[auth]\n"  # 1
             "require_tls = false\n"  # 2
-            'mechanisms = ["PLAIN", "CRAM-MD5"]\n'  # 3
+            'mechanisms = ["PLAIN", "DIGEST-MD5"]\n'  # 3
         )
         self.assertEqual(
             self.problemsOf(complete(text)),
             [
-                'relay.toml:3: [auth] mechanisms[1]: "CRAM-MD5" is not one of '
-                '"PLAIN", "LOGIN"'
+                'relay.toml:3: [auth] mechanisms[1]: "DIGEST-MD5" is not one of '
+                '"PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5"'
             ],
         )
 

@@ -18,7 +18,12 @@ from smtpauth_relay.htpasswd import (
     setUser,
     validateUsername,
 )
-from smtpauth_relay.passwords import verifyPassword
+from smtpauth_relay.passwords import (
+    CRAM_MD5,
+    SCRAM_SHA_256,
+    hashPassword,
+    verifyPassword,
+)
 
 HASH_A = "$2b$04$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 HASH_B = "$2b$04$bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
@@ -510,7 +515,8 @@ class PasswdCommandTests(SynchronousTestCase):
         ]:
             self.assertEqual(self.passwd(argv, io.StringIO(STRONG)), 2)
         self.assertIn(
-            "usage: smtpauth-relay passwd FILE USER [--force]\n",
+            "usage: smtpauth-relay passwd [--scheme bcrypt|scram-sha-256|cram-md5]"
+            " [--iterations N] FILE USER [--force]\n",
             self.stderr.getvalue(),
         )
         self.assertEqual(self.passwd(["--help"], io.StringIO()), 0)
@@ -631,3 +637,108 @@ class PasswdCommandTests(SynchronousTestCase):
         users = self.users()
         self.assertTrue(verifyPassword(STRONG.encode(), users["alice"]))
         self.assertTrue(verifyPassword(STRONG2.encode(), users["bob@example.org"]))
+
+
+class SASLSchemeTests(SynchronousTestCase):
+    """
+    SCRAM-SHA-256 and C{{CRAM-MD5}} entries in password files, and
+    C{passwd --scheme}.
+    """
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "users")
+        self.stdout = io.StringIO()
+        self.stderr = io.StringIO()
+
+    def passwd(self, argv: list[str], password: str = STRONG) -> int:
+        return passwdCommand(
+            argv, io.StringIO(password), self.stdout, self.stderr, rounds=4
+        )
+
+    def users(self) -> dict[str, str]:
+        with open(self.path, "rb") as f:
+            return parseHtpasswd(f.read(), self.path)
+
+    def test_scramEntryParsed(self) -> None:
+        """
+        PostgreSQL's SCRAM layout holds two C{:}: it is one hash, not extra
+        fields; other hashes with C{:} are still malformed.
+        """
+        scram = hashPassword(b"pencil", scheme=SCRAM_SHA_256, iterations=4096)
+        data = f"alice:{scram}\nbob:{HASH_A}:x\ncarol:SCRAM-SHA-256$1:2:3:4\n"
+        self.assertEqual(parseHtpasswd(data, "users"), {"alice": scram})
+
+    def test_setUserScram(self) -> None:
+        """
+        L{setUser} stores SCRAM and CRAM-MD5 hashes and reads them back.
+        """
+        scram = hashPassword(b"pencil", scheme=SCRAM_SHA_256, iterations=4096)
+        cram = hashPassword(b"pencil", scheme=CRAM_MD5)
+        setUser(self.path, "alice", scram)
+        setUser(self.path, "bob", cram)
+        self.assertEqual(self.users(), {"alice": scram, "bob": cram})
+        self.assertRaises(ValueError, setUser, self.path, "carol", "a:b")
+
+    def test_passwdScram(self) -> None:
+        """
+        C{--scheme scram-sha-256} stores SCRAM keys with 10,000 iterations
+        by default, which verify the password; nothing secret is printed.
+        """
+        self.assertEqual(
+            self.passwd(["--scheme", "scram-sha-256", self.path, "alice"]), 0
+        )
+        encoded = self.users()["alice"]
+        self.assertTrue(encoded.startswith("SCRAM-SHA-256$10000:"), encoded)
+        self.assertTrue(verifyPassword(STRONG.encode(), encoded))
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertNotIn(encoded.split("$")[2][:20], self.stdout.getvalue())
+
+    def test_passwdIterations(self) -> None:
+        """
+        C{--iterations} sets the SCRAM iteration count; fewer than 4096,
+        garbage, or with another scheme is a usage error.
+        """
+        argv = ["--scheme=SCRAM-SHA-256", "--iterations", "4096", self.path, "a"]
+        self.assertEqual(self.passwd(argv), 0)
+        self.assertTrue(self.users()["a"].startswith("SCRAM-SHA-256$4096:"))
+        for bad in (
+            ["--scheme", "scram-sha-256", "--iterations", "4095", self.path, "a"],
+            ["--scheme", "scram-sha-256", "--iterations", "many", self.path, "a"],
+            ["--scheme", "scram-sha-256", "--iterations", self.path, "a"],
+            ["--iterations", "5000", self.path, "a"],
+            ["--scheme", "md5", self.path, "a"],
+            ["--scheme", "bcrypt", "--scheme", "bcrypt", self.path, "a"],
+            ["--scheme"],
+        ):
+            self.assertEqual(self.passwd(bad), 2, bad)
+
+    def test_passwdCramMD5(self) -> None:
+        """
+        C{--scheme cram-md5} stores Dovecot's C{{CRAM-MD5}} state.
+        """
+        self.assertEqual(self.passwd(["--scheme", "cram-md5", self.path, "bob"]), 0)
+        encoded = self.users()["bob"]
+        self.assertRegex(encoded, r"\A\{CRAM-MD5\}[0-9a-f]{64}\Z")
+        self.assertTrue(verifyPassword(STRONG.encode(), encoded))
+
+    def test_policyStillApplies(self) -> None:
+        """
+        The password policy applies whatever the scheme.
+        """
+        argv = ["--scheme", "scram-sha-256", self.path, "alice"]
+        self.assertEqual(self.passwd(argv, "password"), 1)
+        self.assertIn("weak password refused", self.stderr.getvalue())
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_saslprepRefused(self) -> None:
+        """
+        A password SCRAM clients could not use (refused by SASLprep) is
+        refused for SCRAM even with C{--force}, without quoting it.
+        """
+        argv = ["--scheme", "scram-sha-256", self.path, "alice", "--force"]
+        self.assertEqual(self.passwd(argv, "vivid\u0007quartz lantern"), 1)
+        self.assertIn("SASLprep", self.stderr.getvalue())
+        self.assertNotIn("quartz", self.stderr.getvalue())
+        self.assertFalse(os.path.exists(self.path))

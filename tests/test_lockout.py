@@ -94,6 +94,21 @@ class LockoutTests(SynchronousTestCase):
         self.assertIsNone(self.lockout.check("192.0.2.99", "bob"))
         self.assertIsNone(self.lockout.check("198.51.100.5", "alice"))
 
+    def test_userCaseFolded(self) -> None:
+        """
+        A user's failures count together whatever the case of the name
+        (backends such as LDAP accept any case), and the lock holds for every
+        spelling; C{clear} takes any spelling too.
+        """
+        for host, name in (("192.0.2.1", "Alice"), ("192.0.2.2", "ALICE")):
+            self.fail(host, name)
+        self.fail("192.0.2.3", "alice")
+        lock = self.lockout.check("192.0.2.99", "aLiCe")
+        assert lock is not None
+        self.assertEqual(lock.key, "user:alice@192.0.2.0/24")
+        self.assertEqual(self.lockout.clear("ALICE"), 1)
+        self.assertIsNone(self.lockout.check("192.0.2.99", "alice"))
+
     def test_ipv6Subnet(self) -> None:
         """
         For IPv6 the user's subnet is the /64.

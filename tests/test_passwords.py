@@ -4,17 +4,30 @@ Tests for L{smtpauth_relay.passwords}.
 
 from __future__ import annotations
 
+import base64
+import hmac
+
 from argon2 import PasswordHasher
+from scramp import ScramMechanism
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpauth_relay import passwords
 from smtpauth_relay.passwords import (
     ARGON2ID,
     BCRYPT,
+    CRAM_MD5,
+    SCRAM_SHA_256,
     SHA512_CRYPT,
+    cramMD5Digest,
+    cramMD5State,
     dummyHash,
+    fakeScramSecrets,
     hashPassword,
     hashScheme,
+    parseCramMD5,
+    parseScram,
+    saslprep,
+    scramSecrets,
     sha512Crypt,
     verifyPassword,
 )
@@ -358,3 +371,229 @@ class DummyHashTests(SynchronousTestCase):
         encoded = dummyHash(rounds=4)
         for password in [b"", b"password", b"secret", b"dummy"]:
             self.assertFalse(verifyPassword(password, encoded))
+
+
+# RFC 7677 section 3: user "user", password "pencil".
+RFC7677_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+RFC7677_ITERATIONS = 4096
+
+# doveadm pw -s SCRAM-SHA-256 -p pencil (Dovecot 2.3.19)
+DOVECOT_SCRAM_PENCIL = (
+    "{SCRAM-SHA-256}4096,KUpl1ByWA2dRKK93W2VyMw==,"
+    "JIive3Cwv05TRP3PnMNJpYbLCOsmjRscimFzCbE1FDw=,"
+    "7u0lDdKUhxZZgLxN3KtSVJX07YCNk/1CRjV918KkEoc="
+)
+# doveadm pw -s CRAM-MD5 -p pencil (Dovecot 2.3.19)
+DOVECOT_CRAM_PENCIL = (
+    "{CRAM-MD5}7f47ace0e2af8f6cdeb72c03243a8c87834e19104164d6a42de72d243adb4080"
+)
+
+
+class SASLprepTests(SynchronousTestCase):
+    """
+    Tests for L{saslprep} (RFC 4013).
+    """
+
+    def test_rfc4013Examples(self) -> None:
+        """
+        The examples of RFC 4013 section 3.
+        """
+        self.assertEqual(saslprep("I\u00adX"), "IX")
+        self.assertEqual(saslprep("user"), "user")
+        self.assertEqual(saslprep("USER"), "USER")
+        self.assertEqual(saslprep("\u00aa"), "a")
+        self.assertEqual(saslprep("\u2168"), "IX")
+        self.assertRaises(ValueError, saslprep, "\u0007")
+        self.assertRaises(ValueError, saslprep, "\u0627\u0031")
+
+    def test_spaces(self) -> None:
+        """
+        Non-ASCII spaces become ASCII spaces.
+        """
+        self.assertEqual(saslprep("a\u00a0b\u3000c"), "a b c")
+
+    def test_unassigned(self) -> None:
+        """
+        Code points unassigned in Unicode 3.2 are refused in stored strings
+        and let through in queries.
+        """
+        unassigned = "\U0001f600"  # an emoji: unassigned in 3.2
+        self.assertRaises(ValueError, saslprep, unassigned)
+        self.assertEqual(saslprep(unassigned, allowUnassigned=True), unassigned)
+
+    def test_rightToLeft(self) -> None:
+        """
+        Right-to-left text must start and end with a right-to-left
+        character and hold no left-to-right one.
+        """
+        self.assertEqual(saslprep("\u0627\u0628"), "\u0627\u0628")
+        self.assertRaises(ValueError, saslprep, "\u0627a\u0628")
+
+
+class ScramSecretsTests(SynchronousTestCase):
+    """
+    Tests for the SCRAM-SHA-256 scheme.
+    """
+
+    def test_rfc7677(self) -> None:
+        """
+        The secrets of RFC 7677's example are those scramp (an independent
+        implementation) derives.
+        """
+        found = scramSecrets(b"pencil", RFC7677_SALT, RFC7677_ITERATIONS)
+        salt, storedKey, serverKey, iterations = ScramMechanism().make_auth_info(
+            "pencil", iteration_count=RFC7677_ITERATIONS, salt=RFC7677_SALT
+        )
+        self.assertEqual(
+            (found.salt, found.storedKey, found.serverKey, found.iterations),
+            (salt, storedKey, serverKey, iterations),
+        )
+
+    def test_saslprepApplied(self) -> None:
+        """
+        The password is SASLprep'ed before hashing, as clients do.
+        """
+        self.assertEqual(
+            scramSecrets("I\u00adX".encode(), b"salt", 4096),
+            scramSecrets(b"IX", b"salt", 4096),
+        )
+
+    def test_hashAndVerify(self) -> None:
+        """
+        C{hashPassword(scheme="scram-sha-256")} writes PostgreSQL's layout
+        with a fresh 16-byte salt, which verifies the password only.
+        """
+        encoded = hashPassword(b"pencil", scheme=SCRAM_SHA_256, iterations=4096)
+        self.assertRegex(
+            encoded, r"\ASCRAM-SHA-256\$4096:[A-Za-z0-9+/=]{24}\$[^:]{44}:[^:]{44}\Z"
+        )
+        self.assertEqual(hashScheme(encoded), SCRAM_SHA_256)
+        self.assertTrue(verifyPassword(b"pencil", encoded))
+        self.assertFalse(verifyPassword(b"pencil!", encoded))
+        self.assertNotEqual(
+            encoded, hashPassword(b"pencil", scheme=SCRAM_SHA_256, iterations=4096)
+        )
+        found = parseScram(encoded)
+        assert found is not None
+        self.assertEqual(found.format(), encoded)
+        self.assertEqual(found.iterations, 4096)
+        self.assertEqual(len(found.salt), 16)
+
+    def test_defaultIterations(self) -> None:
+        """
+        New entries have 10,000 iterations by default; fewer than RFC
+        7677's 4096 are refused.
+        """
+        self.assertEqual(passwords.DEFAULT_SCRAM_ITERATIONS, 10000)
+        encoded = hashPassword(b"pencil", scheme=SCRAM_SHA_256)
+        self.assertTrue(encoded.startswith("SCRAM-SHA-256$10000:"))
+        self.assertRaises(
+            ValueError, hashPassword, b"pencil", scheme=SCRAM_SHA_256, iterations=4095
+        )
+
+    def test_refusedPasswords(self) -> None:
+        """
+        A password SASLprep refuses (here a control character) or that is
+        not UTF-8 cannot be stored for SCRAM.
+        """
+        for password in (b"pen\x07cil", b"\xff\xfe", "\u00ad".encode()):
+            self.assertRaises(ValueError, hashPassword, password, scheme=SCRAM_SHA_256)
+
+    def test_dovecotLayout(self) -> None:
+        """
+        Dovecot's C{{SCRAM-SHA-256}} entries are read and verify too.
+        """
+        self.assertEqual(hashScheme(DOVECOT_SCRAM_PENCIL), SCRAM_SHA_256)
+        self.assertTrue(verifyPassword(b"pencil", DOVECOT_SCRAM_PENCIL))
+        self.assertFalse(verifyPassword(b"pencil2", DOVECOT_SCRAM_PENCIL))
+
+    def test_malformed(self) -> None:
+        """
+        Garbled entries are not parsed and verify nothing.
+        """
+        good = hashPassword(b"pencil", scheme=SCRAM_SHA_256, iterations=4096)
+        head, _, keys = good.rpartition("$")
+        stored, _, server = keys.partition(":")
+        for bad in (
+            "SCRAM-SHA-256$",
+            good.replace("$4096:", "$0:"),
+            good.replace("$4096:", "$99999999:"),
+            f"{head}${stored[:-4]}:{server}",
+            f"{head}$!{stored[1:]}:{server}",
+            good + ":x",
+        ):
+            self.assertIsNone(parseScram(bad), bad)
+            self.assertFalse(verifyPassword(b"pencil", bad))
+
+    def test_fakeSecrets(self) -> None:
+        """
+        Made-up secrets have the same salt for the same user name within a
+        process, another for another name, and the iterations asked for.
+        """
+        first = fakeScramSecrets("mallory", 4096)
+        self.assertFalse(first.known)
+        self.assertEqual(first.iterations, 4096)
+        self.assertEqual(len(first.salt), 16)
+        self.assertEqual(fakeScramSecrets("mallory", 4096).salt, first.salt)
+        self.assertNotEqual(fakeScramSecrets("eve", 4096).salt, first.salt)
+
+
+class CramMD5SchemeTests(SynchronousTestCase):
+    """
+    Tests for the C{{CRAM-MD5}} scheme and the MD5 continued from a state.
+    """
+
+    def test_dovecot(self) -> None:
+        """
+        The state of a password is what C{doveadm pw -s CRAM-MD5} writes.
+        """
+        self.assertEqual(hashPassword(b"pencil", scheme=CRAM_MD5), DOVECOT_CRAM_PENCIL)
+        self.assertEqual(hashScheme(DOVECOT_CRAM_PENCIL), CRAM_MD5)
+        self.assertTrue(verifyPassword(b"pencil", DOVECOT_CRAM_PENCIL))
+        self.assertFalse(verifyPassword(b"pencil ", DOVECOT_CRAM_PENCIL))
+        upper = "{CRAM-MD5}" + DOVECOT_CRAM_PENCIL[len("{CRAM-MD5}") :].upper()
+        self.assertTrue(verifyPassword(b"pencil", upper))
+
+    def test_rfc2195(self) -> None:
+        """
+        The example of RFC 2195: the digest from the stored state is the
+        one the RFC gives.
+        """
+        state = cramMD5State(b"tanstaaftanstaaf")
+        digest = cramMD5Digest(state, b"<1896.697170952@postoffice.reston.mci.net>")
+        self.assertEqual(digest.hex(), "b913a602c7eda7a495b4e6e7334d3890")
+
+    def test_matchesHMAC(self) -> None:
+        """
+        For short, long (hashed first) and empty keys and messages of many
+        lengths across block boundaries, the digest from the state is
+        HMAC-MD5.
+        """
+        for key in (b"", b"k", b"k" * 64, b"k" * 65, bytes(range(200))):
+            state = cramMD5State(key)
+            for length in (0, 1, 55, 56, 63, 64, 65, 119, 120, 300):
+                message = bytes(i % 251 for i in range(length))
+                self.assertEqual(
+                    cramMD5Digest(state, message),
+                    hmac.digest(key, message, "md5"),
+                    (key, length),
+                )
+
+    def test_malformed(self) -> None:
+        """
+        Anything but 64 hex digits after C{{CRAM-MD5}} is not parsed.
+        """
+        for bad in (
+            "{CRAM-MD5}",
+            DOVECOT_CRAM_PENCIL[:-1],
+            DOVECOT_CRAM_PENCIL + "0",
+            DOVECOT_CRAM_PENCIL[:-1] + "g",
+        ):
+            self.assertIsNone(parseCramMD5(bad))
+            self.assertFalse(verifyPassword(b"pencil", bad))
+
+    def test_unknownScheme(self) -> None:
+        """
+        C{hashPassword} refuses schemes it does not write.
+        """
+        self.assertRaises(ValueError, hashPassword, b"pencil", scheme="md5")

@@ -127,3 +127,55 @@ class ReloadTests(SynchronousTestCase):
         reloader.stopService()
         self.assertEqual(calls, [reloader.reload])
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+
+class CheckerClosingTests(SynchronousTestCase):
+    """
+    Checkers holding connections (a plugin with C{close()}) are closed when
+    a reload replaces them and when the relay stops.
+    """
+
+    def setUp(self) -> None:
+        import sqlite3
+
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        self.database = os.path.join(directory, "users.db")
+        sqlite3.connect(self.database).close()
+        self.checker = (
+            f"sql:sqlite:///{self.database}?query=SELECT h FROM u WHERE n = :user"
+        )
+        self.text, _ = configText(self, checkers=(self.checker,))
+        self.path = writeConfig(self, self.text)
+        self.reactor = MemoryReactorClock()
+        self.top = makeRelayService(loadConfig(self.path), self.reactor)
+        (self.reloader,) = [s for s in self.top if isinstance(s, Reloader)]
+        self.reloader.installSignal = False
+        self.reloader.runInThread = runNow
+        self.top.startService()
+
+    def chain(self) -> list[object]:
+        chain = self.reloader.relay.portal.checkers
+        (checker,) = {id(c): c for c in chain.values()}.values()
+        return list(checker.checkers)  # type: ignore[attr-defined]
+
+    def test_closedWhenReplaced(self) -> None:
+        """
+        After a reload, the checker it replaced is closed; its successor is
+        not.
+        """
+        (old,) = self.chain()
+        self.successResultOf(self.reloader.reload())
+        (new,) = self.chain()
+        self.assertIsNot(new, old)
+        self.assertTrue(old._closed)  # type: ignore[attr-defined]
+        self.assertFalse(new._closed)  # type: ignore[attr-defined]
+        self.top.stopService()
+
+    def test_closedAtStop(self) -> None:
+        """
+        Stopping the relay closes its checkers.
+        """
+        (checker,) = self.chain()
+        self.top.stopService()
+        self.assertTrue(checker._closed)  # type: ignore[attr-defined]

@@ -5,16 +5,39 @@ a string transport, a memory spool and a clock.
 
 from __future__ import annotations
 
+import base64
+import hmac
+import os
+import tempfile
 from email.utils import formatdate
+from typing import Any
 
+from scramp import ScramClient
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay.auth import makePortal
+from smtpauth_relay.checkers import HtpasswdChecker
 from smtpauth_relay.config import LimitsConfig, LockoutConfig
-from smtpauth_relay.errors import SpoolError
+from smtpauth_relay.errors import CheckerUnavailable, SpoolError
+from smtpauth_relay.htpasswd import setUser
+from smtpauth_relay.interfaces import ISASLMechanisms, IScramCredentials, IScramStore
+from smtpauth_relay.passwords import (
+    CRAM_MD5,
+    SCRAM_SHA_256,
+    ScramSecrets,
+    hashPassword,
+    scramSecrets,
+)
 from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.testing import TLSStringTransport, spoolFull
 from tests.support import CONTEXT, Harness, Session, b64, plain
@@ -1843,3 +1866,465 @@ class RateLimitTests(SynchronousTestCase):
             [b"421 4.7.0 Too many messages in one session; please reconnect"],
         )
         self.assertTrue(session.closed())
+
+
+def scramHarness(
+    users: dict[str, str],
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5"),
+    **kwargs: Any,
+) -> tuple[Harness, str]:
+    """
+    A harness whose only checker is an htpasswd file holding C{users} (name
+    to hash), checked without threads.
+
+    @return: the harness and the file's path.
+    """
+    directory = tempfile.mkdtemp()
+    path = os.path.join(directory, "users")
+    with open(path, "w") as f:
+        f.writelines(f"{user}:{encoded}\n" for user, encoded in users.items())
+    harness = Harness(mechanisms=mechanisms, **kwargs)
+    checker = HtpasswdChecker(
+        path, runInThread=lambda f, *a: maybeDeferred(f, *a), dummyHash="x"
+    )
+    harness.factory.portal = makePortal([checker], harness.clock)
+    return harness, path
+
+
+def decoded(line: bytes) -> str:
+    """
+    The text of a 334 challenge.
+    """
+    assert line.startswith(b"334 "), line
+    return base64.b64decode(line[4:]).decode()
+
+
+def encoded(text: str) -> bytes:
+    return base64.b64encode(text.encode())
+
+
+SCRAM_ALICE = hashPassword(b"wonderland", scheme=SCRAM_SHA_256, iterations=4096)
+SCRAM_BOB = hashPassword(b"builder", scheme=SCRAM_SHA_256, iterations=4096)
+CRAM_ALICE = hashPassword(b"wonderland", scheme=CRAM_MD5)
+CRAM_BOB = hashPassword(b"builder", scheme=CRAM_MD5)
+
+
+class ScramAuthTests(SynchronousTestCase):
+    """
+    AUTH SCRAM-SHA-256 through the session, with scramp as the client.
+    """
+
+    def setUp(self) -> None:
+        self.harness, self.path = scramHarness(
+            {"alice": SCRAM_ALICE, "bob": SCRAM_BOB},
+            lockout=LockoutConfig(max_failures=3, tarpit=0),
+            sessionMaxAuthFailures=10,
+        )
+        self.session = self.harness.connect()
+        self.session.startTLS()
+
+    def login(
+        self, user: str, password: str, initial: bool = True
+    ) -> tuple[list[bytes], ScramClient]:
+        """
+        Run the exchange up to the client-final-message.
+
+        @return: the replies to it, and the client.
+        """
+        client = ScramClient(["SCRAM-SHA-256"], user, password)
+        first = encoded(client.get_client_first())
+        if initial:
+            replies = self.session.command(b"AUTH SCRAM-SHA-256 " + first)
+        else:
+            self.assertEqual(self.session.command(b"AUTH SCRAM-SHA-256"), [b"334 "])
+            replies = self.session.command(first)
+        self.assertEqual(len(replies), 1, replies)
+        client.set_server_first(decoded(replies[0]))
+        return self.session.command(encoded(client.get_client_final())), client
+
+    def test_offered(self) -> None:
+        """
+        With every user of the file having SCRAM secrets, EHLO offers
+        SCRAM-SHA-256 (not -PLUS) in the configured order; CRAM-MD5 not.
+        """
+        lines = self.session.command(b"EHLO client.example")
+        self.assertEqual(lines[-1], b"250 AUTH PLAIN LOGIN SCRAM-SHA-256")
+
+    def test_notOfferedWithBcryptUser(self) -> None:
+        """
+        Once one user has only a bcrypt hash, SCRAM-SHA-256 is neither
+        offered nor accepted (504 5.5.4); it comes back when that user
+        has SCRAM secrets again.
+        """
+        setUser(self.path, "carol", hashPassword(b"x", rounds=4))
+        self.assertEqual(
+            self.session.command(b"EHLO client.example")[-1], b"250 AUTH PLAIN LOGIN"
+        )
+        self.assertEqual(
+            self.session.last(b"AUTH SCRAM-SHA-256"),
+            b"504 5.5.4 Unrecognized authentication type",
+        )
+        setUser(self.path, "carol", SCRAM_BOB + "")
+        os.utime(self.path, ns=(0, os.stat(self.path).st_mtime_ns + 10**9))
+        self.assertEqual(
+            self.session.command(b"EHLO client.example")[-1],
+            b"250 AUTH PLAIN LOGIN SCRAM-SHA-256",
+        )
+
+    def test_notConfigured(self) -> None:
+        """
+        SCRAM-SHA-256 left out of [auth] mechanisms is neither offered nor
+        accepted.
+        """
+        harness, _ = scramHarness({"alice": SCRAM_ALICE}, mechanisms=("PLAIN",))
+        session = harness.connect()
+        session.startTLS()
+        self.assertEqual(session.command(b"EHLO client.example")[-1], b"250 AUTH PLAIN")
+        self.assertEqual(
+            session.last(b"AUTH SCRAM-SHA-256"),
+            b"504 5.5.4 Unrecognized authentication type",
+        )
+
+    def test_good(self) -> None:
+        """
+        The right password: the server signature (which the client
+        accepts) in a 334, then 235 after the empty answer.
+        """
+        self.session.command(b"EHLO client.example")
+        replies, client = self.login("alice", "wonderland")
+        self.assertEqual(len(replies), 1)
+        client.set_server_final(decoded(replies[0]))
+        self.assertIsNone(self.session.protocol._submitter)
+        self.assertEqual(
+            self.session.command(b""), [b"235 2.7.0 Authentication successful"]
+        )
+        submitter = self.session.protocol._submitter
+        assert submitter is not None
+        self.assertEqual(
+            (submitter.username, submitter.mechanism), ("alice", "SCRAM-SHA-256")
+        )
+
+    def test_goodWithoutInitialResponse(self) -> None:
+        """
+        C{AUTH SCRAM-SHA-256} alone gets an empty 334 first.
+        """
+        self.session.command(b"EHLO client.example")
+        replies, client = self.login("bob", "builder", initial=False)
+        client.set_server_final(decoded(replies[0]))
+        self.assertEqual(self.session.last(b""), b"235 2.7.0 Authentication successful")
+
+    def test_wrongPassword(self) -> None:
+        """
+        A wrong password gets 535 5.7.8 (no server signature), is logged as
+        a failed AUTH and counts for the lockout like PLAIN's.
+        """
+        self.session.command(b"EHLO client.example")
+        with capturedLogs() as events:
+            replies, _ = self.login("alice", "rabbit")
+        self.assertEqual(replies, [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertIn(
+            "AUTH SCRAM-SHA-256 failed for alice from 192.0.2.10: bad credentials",
+            [formatEvent(e) for e in events],
+        )
+        self.login("alice", "rabbit")
+        self.login("alice", "rabbit")
+        replies, _ = self.login("alice", "wonderland")
+        self.assertEqual(
+            replies, [b"454 4.7.0 Too many failed logins; try again later"]
+        )
+
+    def test_unknownUser(self) -> None:
+        """
+        An unknown user gets a server-first-message of the same shape as a
+        known one (a stable made-up salt, the file's iteration count) and
+        the same 535 5.7.8 at the proof.
+        """
+        self.session.command(b"EHLO client.example")
+        client = ScramClient(["SCRAM-SHA-256"], "mallory", "x")
+        first = self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(client.get_client_first())
+        )
+        serverFirst = decoded(first[0])
+        self.assertRegex(serverFirst, r"\Ar=[^,]+,s=[A-Za-z0-9+/]{22}==,i=4096\Z")
+        client.set_server_first(serverFirst)
+        self.assertEqual(
+            self.session.command(encoded(client.get_client_final())),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+
+    def test_abort(self) -> None:
+        """
+        C{*} cancels the exchange at each step with 501 5.7.0, and the
+        session goes on.
+        """
+        self.session.command(b"EHLO client.example")
+        self.session.command(b"AUTH SCRAM-SHA-256")
+        self.assertEqual(self.session.last(b"*"), b"501 5.7.0 Authentication aborted")
+        client = ScramClient(["SCRAM-SHA-256"], "alice", "wonderland")
+        self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(client.get_client_first())
+        )
+        self.assertEqual(self.session.last(b"*"), b"501 5.7.0 Authentication aborted")
+        replies, client = self.login("alice", "wonderland")
+        self.assertTrue(replies[0].startswith(b"334 "))
+        self.assertEqual(self.session.last(b"*"), b"501 5.7.0 Authentication aborted")
+        self.assertIsNone(self.session.protocol._submitter)
+        self.assertEqual(self.session.last(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_finalAnswerMustBeEmpty(self) -> None:
+        """
+        Anything but an empty answer to the server signature is refused
+        with 501 5.5.2, and the session is not logged in.
+        """
+        self.session.command(b"EHLO client.example")
+        self.login("alice", "wonderland")
+        self.assertEqual(
+            self.session.last(b"eD15"), b"501 5.5.2 Cannot decode response"
+        )
+        self.assertIsNone(self.session.protocol._submitter)
+
+    def test_channelBinding(self) -> None:
+        """
+        A client asking for channel binding (C{p=}) gets 501 5.5.2 saying
+        it is not supported; it does not count as a failed login.
+        """
+        self.session.command(b"EHLO client.example")
+        self.assertEqual(
+            self.session.last(
+                b"AUTH SCRAM-SHA-256 " + encoded("p=tls-exporter,,n=alice,r=abc")
+            ),
+            b"501 5.5.2 Channel binding is not supported",
+        )
+        self.assertEqual(self.session.protocol._authFailures, 0)
+
+    def test_otherAuthzid(self) -> None:
+        """
+        An authorization identity other than the user is a failed login
+        (535 5.7.8), before any lookup.
+        """
+        self.session.command(b"EHLO client.example")
+        self.assertEqual(
+            self.session.last(
+                b"AUTH SCRAM-SHA-256 " + encoded("n,a=bob,n=alice,r=abc")
+            ),
+            b"535 5.7.8 Authentication credentials invalid",
+        )
+        self.assertEqual(self.session.protocol._authFailures, 1)
+
+    def test_malformed(self) -> None:
+        """
+        A malformed client-first-message gets 501 5.5.2.
+        """
+        self.session.command(b"EHLO client.example")
+        self.assertEqual(
+            self.session.last(b"AUTH SCRAM-SHA-256 " + encoded("n,,r=abc")),
+            b"501 5.5.2 Cannot decode response",
+        )
+        self.assertEqual(
+            self.session.last(b"AUTH SCRAM-SHA-256 ="),
+            b"501 5.5.2 Cannot decode response",
+        )
+
+
+@implementer(ICredentialsChecker, IScramStore, ISASLMechanisms)
+class PendingScramStore:
+    """
+    A SCRAM store whose lookups wait for the test to fire them.
+    """
+
+    credentialInterfaces = (IScramCredentials,)
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[ScramSecrets]] = []
+        self.secrets = scramSecrets(b"wonderland", b"sixteen byte salt", 4096)
+
+    def saslMechanisms(self) -> frozenset[str]:
+        return frozenset({"SCRAM-SHA-256"})
+
+    def scramSecrets(self, username: str) -> Deferred[ScramSecrets]:
+        d: Deferred[ScramSecrets] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        if credentials.checkProof(self.secrets.storedKey):
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+class ScramLookupTests(SynchronousTestCase):
+    """
+    The session waits for the SCRAM lookup in the middle of the exchange.
+    """
+
+    def setUp(self) -> None:
+        self.harness = Harness(mechanisms=("SCRAM-SHA-256",))
+        self.store = PendingScramStore()
+        self.harness.factory.portal = makePortal([self.store], self.harness.clock)
+        self.session = self.harness.connect()
+        self.session.startTLS()
+        self.session.command(b"EHLO client.example")
+        self.client = ScramClient(["SCRAM-SHA-256"], "alice", "wonderland")
+
+    def test_waits(self) -> None:
+        """
+        While the lookup is under way nothing is answered and the transport
+        is paused (what the client pipelines waits); then the exchange goes
+        on, and the next line is its answer.
+        """
+        self.assertEqual(
+            self.session.send(
+                b"AUTH SCRAM-SHA-256 "
+                + encoded(self.client.get_client_first())
+                + b"\r\nNOOP\r\n"
+            ),
+            [],
+        )
+        self.assertEqual(self.session.transport.producerState, "paused")
+        self.store.pending[0].callback(self.store.secrets)
+        replies = self.session.read()
+        self.assertEqual(len(replies), 2)
+        self.client.set_server_first(decoded(replies[0]))
+        self.assertEqual(replies[1], b"501 5.5.2 Cannot decode response")
+        self.assertEqual(self.session.transport.producerState, "producing")
+
+    def test_exchangeAfterLookup(self) -> None:
+        """
+        Without pipelining, the whole exchange completes once the lookup
+        answers.
+        """
+        self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(self.client.get_client_first())
+        )
+        self.store.pending[0].callback(self.store.secrets)
+        self.client.set_server_first(decoded(self.session.read()[0]))
+        final = self.session.command(encoded(self.client.get_client_final()))
+        self.client.set_server_final(decoded(final[0]))
+        self.assertEqual(self.session.last(b""), b"235 2.7.0 Authentication successful")
+
+    def test_connectionLost(self) -> None:
+        """
+        If the client goes away during the lookup, its answer is dropped:
+        nothing is written and nothing fails.
+        """
+        self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(self.client.get_client_first())
+        )
+        self.session.protocol.connectionLost(Failure(ConnectionDone()))
+        self.store.pending[0].callback(self.store.secrets)
+        self.assertEqual(self.session.read(), [])
+
+    def test_unavailable(self) -> None:
+        """
+        A lookup failing with L{CheckerUnavailable} answers 454 4.7.0 and
+        does not count as a failed login.
+        """
+        self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(self.client.get_client_first())
+        )
+        self.store.pending[0].errback(CheckerUnavailable("down"))
+        self.assertEqual(
+            self.session.read(), [b"454 4.7.0 Temporary authentication failure"]
+        )
+        self.assertEqual(self.session.protocol._authFailures, 0)
+        self.assertEqual(self.session.last(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_timeoutWhileWaiting(self) -> None:
+        """
+        The idle timeout does not run during the lookup (the chain's own
+        timeout bounds it).
+        """
+        self.session.command(
+            b"AUTH SCRAM-SHA-256 " + encoded(self.client.get_client_first())
+        )
+        self.harness.clock.advance(self.harness.settings.idleTimeout + 1)
+        self.assertFalse(self.session.closed())
+
+
+class CramMD5AuthTests(SynchronousTestCase):
+    """
+    AUTH CRAM-MD5 through the session.
+    """
+
+    def setUp(self) -> None:
+        self.harness, self.path = scramHarness({"alice": CRAM_ALICE, "bob": CRAM_BOB})
+        self.session = self.harness.connect()
+        self.session.startTLS()
+        self.session.command(b"EHLO client.example")
+
+    def respond(self, user: str, password: str) -> list[bytes]:
+        challenge = self.session.command(b"AUTH CRAM-MD5")
+        self.assertEqual(len(challenge), 1)
+        text = decoded(challenge[0])
+        self.assertRegex(text, r"\A<[0-9]+\.[0-9]+\.[0-9]+@relay\.example\.org>\Z")
+        digest = hmac.digest(password.encode(), text.encode(), "md5").hex()
+        return self.session.command(encoded(f"{user} {digest}"))
+
+    def test_offered(self) -> None:
+        """
+        With every user having a C{{CRAM-MD5}} entry and CRAM-MD5 allowed,
+        EHLO offers it; not otherwise.
+        """
+        self.assertEqual(
+            self.session.command(b"EHLO client.example")[-1],
+            b"250 AUTH PLAIN LOGIN CRAM-MD5",
+        )
+        harness, _ = scramHarness({"alice": CRAM_ALICE}, mechanisms=("PLAIN", "LOGIN"))
+        session = harness.connect()
+        session.startTLS()
+        self.assertEqual(
+            session.command(b"EHLO client.example")[-1], b"250 AUTH PLAIN LOGIN"
+        )
+
+    def test_good(self) -> None:
+        """
+        The right digest logs in at once (235, no final challenge).
+        """
+        self.assertEqual(
+            self.respond("alice", "wonderland"),
+            [b"235 2.7.0 Authentication successful"],
+        )
+        submitter = self.session.protocol._submitter
+        assert submitter is not None
+        self.assertEqual(submitter.mechanism, "CRAM-MD5")
+
+    def test_wrongAndUnknown(self) -> None:
+        """
+        A wrong password and an unknown user get the same 535 5.7.8.
+        """
+        self.assertEqual(
+            self.respond("alice", "rabbit"),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+        self.assertEqual(
+            self.respond("mallory", "x"),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+
+    def test_plainStillWorks(self) -> None:
+        """
+        PLAIN verifies against the C{{CRAM-MD5}} entry.
+        """
+        self.assertEqual(
+            self.session.last(b"AUTH PLAIN " + plain("bob", "builder")),
+            b"235 2.7.0 Authentication successful",
+        )
+
+    def test_initialResponseRefused(self) -> None:
+        """
+        CRAM-MD5 is server-first: an initial response gets 501 5.5.2.
+        """
+        self.assertEqual(
+            self.session.last(b"AUTH CRAM-MD5 " + encoded("alice 0")),
+            b"501 5.5.2 Cannot decode response",
+        )
+        self.assertEqual(self.session.last(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_malformed(self) -> None:
+        """
+        A response that is not C{user digest} gets 501 5.5.2.
+        """
+        self.session.command(b"AUTH CRAM-MD5")
+        self.assertEqual(
+            self.session.last(encoded("alice")), b"501 5.5.2 Cannot decode response"
+        )

@@ -15,6 +15,8 @@ from twisted.cred.strcred import ICheckerFactory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from smtpauth_relay.interfaces import ICramMD5Credentials, IScramCredentials
+
 if TYPE_CHECKING:
     from smtpauth_relay.checkers import HtpasswdChecker
 
@@ -38,7 +40,7 @@ class HtpasswdCheckerFactory:
     authType = "htpasswd"
     authHelp = htpasswdCheckerFactoryHelp
     argStringFormat = "Path of an htpasswd-format password file."
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IScramCredentials, ICramMD5Credentials)
 
     def generateChecker(self, argstring: str) -> HtpasswdChecker:
         """
