@@ -24,6 +24,9 @@ commands:
                         see and steer the delivery queue
   lockout --config PATH list|clear TARGET
                         see or end brute-force lockouts of the running relay
+  oauth2 authorize --config PATH
+                        sign in once (device code) and store the OAuth2
+                        refresh token for the smarthost
   demo [DIRECTORY]      run a demo relay on 127.0.0.1:2587/2465 (files in ./var)
 
 The relay itself runs under twistd:
@@ -61,6 +64,12 @@ def _audit(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     return auditCommand(argv, stdout, stderr)
 
 
+def _oauth2(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
+    from smtpauth_relay.oauth2admin import main as oauth2Command
+
+    return oauth2Command(argv, stdout, stderr)
+
+
 def _demo(argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     from smtpauth_relay.demo import demoCommand
 
@@ -73,6 +82,7 @@ COMMANDS: dict[str, Callable[[list[str], TextIO, TextIO], int]] = {
     "queue": _queue,
     "lockout": _lockout,
     "audit": _audit,
+    "oauth2": _oauth2,
     "demo": _demo,
 }
 

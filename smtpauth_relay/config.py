@@ -35,7 +35,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from smtpauth_relay.errors import ConfigError
-from smtpauth_relay.senders import SenderLoginMap
+from smtpauth_relay.oauth2 import (
+    OAuth2Settings,
+    checkTokenEndpoint,
+    defaultScope,
+    loadAssertionKey,
+)
+from smtpauth_relay.senders import SenderLoginMap, canonicalAddress
 from smtpauth_relay.tls import keyMatches, loadCertificates, loadPrivateKey
 from smtpauth_relay.usernetworks import UserNetworks
 
@@ -45,6 +51,7 @@ __all__ = [
     "ConfigError",
     "DeliveryConfig",
     "ListenerConfig",
+    "OAuth2Config",
     "QueueConfig",
     "RelayConfig",
     "ServerConfig",
@@ -60,6 +67,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LISTENER_TLS_MODES = ("starttls", "implicit", "none")
 #: Values allowed for C{[tls] minimum_version}.
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+#: Values allowed for C{[[listener]] minimum_tls_version}: old devices may
+#: need TLS 1.0 or 1.1 (see L{ListenerConfig.minimum_tls_version}).
+LISTENER_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 #: Values allowed in C{[auth] mechanisms}.
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5")
 #: The default of C{[auth] mechanisms}: CRAM-MD5 (obsolete, and its stored
@@ -72,6 +82,8 @@ DELIVERY_MODES = ("smarthost", "mx", "maildir")
 DELIVERY_TLS_MODES = ("starttls", "implicit", "none")
 #: The default upstream port for each C{[delivery] tls} in smarthost mode.
 SMARTHOST_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+#: Values allowed for C{[delivery] auth}: the smarthost login.
+DELIVERY_AUTH = ("password", "xoauth2", "oauthbearer")
 
 
 @dataclass(frozen=True)
@@ -138,12 +150,26 @@ class ListenerConfig:
         header (v1 or v2) naming the real client.
     @ivar trusted_proxies: The networks proxies may connect from; needed
         with C{proxy_protocol}, and anyone else is refused.
+    @ivar minimum_tls_version: The oldest TLS this listener's handshake
+        accepts, from L{LISTENER_TLS_VERSIONS}, or C{None} for C{[tls]
+        minimum_version}.  Below C{[tls] minimum_version} only clients in
+        C{[relay] trusted_networks} may stay; others are disconnected after
+        the handshake.
+    @ivar allow_plaintext_auth_from: Networks (within C{[relay]
+        trusted_networks}) whose clients may AUTH without TLS on this
+        listener, which must be bound to a LAN address.
+    @ivar allow_bare_lf_from: Networks (within C{[relay] trusted_networks})
+        whose clients may end lines of their messages with a bare LF,
+        normalised to CRLF; everyone else's bare LF is refused.
     """
 
     endpoint: str
     tls: str = "starttls"
     proxy_protocol: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    minimum_tls_version: str | None = None
+    allow_plaintext_auth_from: tuple[IPNetwork, ...] = ()
+    allow_bare_lf_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,6 +314,55 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class OAuth2Config:
+    """
+    C{[delivery.oauth2]}: how the relay gets OAuth2 access tokens for the
+    smarthost (C{[delivery] auth = "xoauth2"} or C{"oauthbearer"}).
+
+    @ivar token_endpoint: The token endpoint's https URL.
+    @ivar client_id: The application (client) id.
+    @ivar client_secret_file: Absolute path of the file holding the client
+        secret, or C{None}.
+    @ivar certificate: Absolute path of the PEM certificate registered with
+        the application (client assertion), or C{None}.
+    @ivar private_key: Absolute path of its RSA private key, or C{None}.
+    @ivar refresh_token_file: Absolute path of the file holding the refresh
+        token (delegated flow; written by C{oauth2 authorize}), or C{None}
+        for the client-credentials grant.
+    @ivar scope: The scopes asked for (default by token endpoint).
+    @ivar username: The mailbox the relay logs in as.
+    @ivar device_authorization_endpoint: For C{oauth2 authorize}, when it
+        cannot be derived from C{token_endpoint}, or C{None}.
+    """
+
+    token_endpoint: str
+    client_id: str
+    username: str
+    client_secret_file: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+    refresh_token_file: str | None = None
+    scope: str = ""
+    device_authorization_endpoint: str | None = None
+
+    def settings(self) -> OAuth2Settings:
+        """
+        The settings of L{smtpauth_relay.oauth2.TokenClient}.
+        """
+        return OAuth2Settings(
+            tokenEndpoint=self.token_endpoint,
+            clientId=self.client_id,
+            username=self.username,
+            scope=self.scope,
+            clientSecretFile=self.client_secret_file,
+            certificate=self.certificate,
+            privateKey=self.private_key,
+            refreshTokenFile=self.refresh_token_file,
+            deviceAuthorizationEndpoint=self.device_authorization_endpoint,
+        )
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """
     C{[delivery]}: where accepted messages go.
@@ -313,6 +388,14 @@ class DeliveryConfig:
     @ivar timeout: Seconds one delivery attempt may take, at most.
     @ivar nameservers: C{host} or C{host:port} of DNS servers for mx mode;
         empty means those of C{/etc/resolv.conf}.
+    @ivar auth: How the relay logs in at the smarthost: one of
+        L{DELIVERY_AUTH}.
+    @ivar oauth2: C{[delivery.oauth2]}, with C{auth} = C{"xoauth2"} or
+        C{"oauthbearer"}; else C{None}.
+    @ivar rewrite_sender: The address every (non-bounce) message is sent to
+        the smarthost from, or C{""} to keep the sender.
+    @ivar rewrite_from: Whether C{From:} is rewritten as well (the original
+        kept in C{Reply-To:} and C{X-Original-From:}).
     """
 
     mode: str = "maildir"
@@ -329,6 +412,10 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     timeout: float = 600.0
     nameservers: tuple[str, ...] = ()
+    auth: str = "password"
+    oauth2: OAuth2Config | None = None
+    rewrite_sender: str = ""
+    rewrite_from: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,7 +453,15 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "reverse_dns",
     ),
     "tls": ("certificate", "private_key", "minimum_version"),
-    "listener": ("endpoint", "tls", "proxy_protocol", "trusted_proxies"),
+    "listener": (
+        "endpoint",
+        "tls",
+        "proxy_protocol",
+        "trusted_proxies",
+        "minimum_tls_version",
+        "allow_plaintext_auth_from",
+        "allow_bare_lf_from",
+    ),
     "auth": ("checkers", "mechanisms", "require_tls", "lockout", "allowed_networks"),
     "auth.lockout": (
         "max_failures",
@@ -415,6 +510,21 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "connect_timeout",
         "timeout",
         "nameservers",
+        "auth",
+        "oauth2",
+        "rewrite_sender",
+        "rewrite_from",
+    ),
+    "delivery.oauth2": (
+        "token_endpoint",
+        "client_id",
+        "client_secret_file",
+        "certificate",
+        "private_key",
+        "refresh_token_file",
+        "scope",
+        "username",
+        "device_authorization_endpoint",
     ),
 }
 
@@ -1138,6 +1248,34 @@ class _Table:
             self.values[key] = tuple(networks)
 
 
+def _lanOnly(endpoint: str) -> str | None:
+    """
+    Why C{endpoint} is not a listener bound to a LAN address only, or
+    C{None} if it is (TCP with an C{interface=} that is private, loopback or
+    link-local).
+    """
+    parts = re.split(r"(?<!\\):", endpoint)
+    kind = parts[0] if parts else ""
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    interface = options.get("interface", "").replace("\\:", ":")
+    if kind not in ("tcp", "tcp6") or not interface:
+        return (
+            "needs a listener bound to a LAN address"
+            ' (endpoint = "tcp:port=2525:interface=192.168.1.5"), so that'
+            " passwords in clear never reach it from outside"
+        )
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return f"interface {interface!r} is not an IP address"
+    if address.is_unspecified or address.is_global:
+        return (
+            f"the listener's interface {interface} is not a LAN address;"
+            " bind it to a private, loopback or link-local address"
+        )
+    return None
+
+
 class _Validator:
     """
     Checks a parsed document, collecting every problem.
@@ -1277,6 +1415,8 @@ class _Validator:
         delivery = DeliveryConfig(**deliveryTable.values)
 
         self.checkAuthReachable(listenerTables, authTable, relayTable, auth, relay)
+        if "trusted_networks" not in relayTable.invalid:
+            self.checkLegacyLane(listenerTables, relay)
 
         if self.problems:
             self.problems.sort(key=lambda p: (p[0] is None, p[0] or 0))
@@ -1373,6 +1513,13 @@ class _Validator:
             table.choice("tls", LISTENER_TLS_MODES)
             table.boolean("proxy_protocol")
             table.networks("trusted_proxies")
+            table.choice("minimum_tls_version", LISTENER_TLS_VERSIONS, fuzzy=False)
+            if table.values.get("minimum_tls_version") and (
+                table.values.get("tls", ListenerConfig.tls) == "none"
+            ):
+                table.report("minimum_tls_version", 'has no effect with tls = "none"')
+            table.networks("allow_plaintext_auth_from")
+            table.networks("allow_bare_lf_from")
             if "trusted_proxies" not in table.invalid:
                 if table.values.get("proxy_protocol") and not table.values.get(
                     "trusted_proxies"
@@ -1598,7 +1745,12 @@ class _Validator:
             table.values["port"] = 25
         username = table.values.get("username", "")
         passwordFile = table.values.get("password_file")
-        if username and not passwordFile and "password_file" not in table.invalid:
+        if (
+            username
+            and not passwordFile
+            and "password_file" not in table.invalid
+            and table.data.get("auth", "password") == "password"
+        ):
             table.report("password_file", "required when username is set")
         if passwordFile and not username:
             table.report("username", "required when password_file is set")
@@ -1608,12 +1760,169 @@ class _Validator:
                 table.report("password_file", problem)
         if username and mode == "mx":
             table.report("username", 'only used with mode = "smarthost"')
-        if username and table.values.get("tls", DeliveryConfig.tls) == "none":
+        if (
+            username
+            and table.values.get("tls", DeliveryConfig.tls) == "none"
+            and table.data.get("auth", "password") == "password"
+        ):
             table.report(
                 "tls",
                 '"none" would send the smarthost password unencrypted; '
                 'use "starttls" or "implicit"',
             )
+        self.deliveryAuth(table, mode)
+        self.rewrite(table, mode)
+
+    def deliveryAuth(self, table: _Table, mode: str) -> None:
+        """
+        Read C{[delivery] auth} and C{[delivery.oauth2]}.
+        """
+        auth = table.choice("auth", DELIVERY_AUTH)
+        value = table.data.get("oauth2", _MISSING)
+        if value is not _MISSING and not isinstance(value, dict):
+            table.report("oauth2", "must be a table: write [delivery.oauth2]")
+            return
+        if auth in (None, "password"):
+            if value is not _MISSING:
+                table.report(
+                    "oauth2",
+                    '[delivery.oauth2] is only used with auth = "xoauth2" or '
+                    '"oauthbearer"',
+                )
+            return
+        if mode != "smarthost":
+            table.report("auth", f'"{auth}" is only used with mode = "smarthost"')
+        for key in ("username", "password_file"):
+            if table.data.get(key):
+                table.report(
+                    key,
+                    f'not used with auth = "{auth}" (the mailbox is '
+                    "[delivery.oauth2] username)",
+                )
+        if table.values.get("tls", DeliveryConfig.tls) == "none":
+            table.report(
+                "tls",
+                '"none" would send the OAuth2 token unencrypted; '
+                'use "starttls" or "implicit"',
+            )
+        if value is _MISSING:
+            table.report("oauth2", f'auth = "{auth}" needs a [delivery.oauth2] table')
+            return
+        assert isinstance(value, dict)
+        oauth = _Table(
+            self, "[delivery.oauth2]", ("delivery", "oauth2"), value, "delivery.oauth2"
+        )
+        for key in ("token_endpoint", "client_id", "username"):
+            if key not in value:
+                oauth.report(key, "required key is missing")
+        oauth.string("token_endpoint", checkTokenEndpoint)
+        oauth.string("client_id", lambda v: None if v.strip() else "must not be empty")
+        oauth.string("username", lambda v: None if v.strip() else "must not be empty")
+        oauth.string("scope")
+        oauth.string(
+            "device_authorization_endpoint",
+            lambda v: checkTokenEndpoint(v) if v else None,
+        )
+        for key in (
+            "client_secret_file",
+            "certificate",
+            "private_key",
+            "refresh_token_file",
+        ):
+            oauth.path(key, emptyIsUnset=True)
+        values = {k: v for k, v in oauth.values.items() if v not in (None, "")}
+        secretFile = values.get("client_secret_file")
+        if secretFile:
+            problem = _checkPasswordFile(secretFile)
+            if problem:
+                oauth.report("client_secret_file", problem)
+        certificate, keyPath = values.get("certificate"), values.get("private_key")
+        if secretFile and (certificate or keyPath):
+            oauth.report(
+                "client_secret_file",
+                "give either client_secret_file or certificate and private_key, "
+                "not both",
+            )
+        elif certificate and keyPath:
+            try:
+                loadAssertionKey(certificate, keyPath)
+            except OSError as e:
+                oauth.report(
+                    "certificate" if e.filename == certificate else "private_key",
+                    f'cannot read "{e.filename}": {e.strerror or e}',
+                )
+            except ValueError as e:
+                oauth.report("private_key", str(e))
+        elif certificate or keyPath:
+            missing = "private_key" if certificate else "certificate"
+            other = "certificate" if certificate else "private_key"
+            oauth.report(missing, f"required when {other} is set")
+        refresh = values.get("refresh_token_file")
+        if refresh:
+            # The file may not exist yet (oauth2 authorize writes it); its
+            # directory must.
+            if not os.path.isdir(os.path.dirname(refresh)):
+                oauth.report(
+                    "refresh_token_file",
+                    f'the directory of "{refresh}" does not exist',
+                )
+        elif not secretFile and not (certificate and keyPath):
+            if "client_secret_file" not in oauth.invalid:
+                oauth.report(
+                    "client_secret_file",
+                    "the client-credentials grant (no refresh_token_file) needs "
+                    "client_secret_file, or certificate and private_key",
+                )
+        if oauth.invalid or not all(
+            k in values for k in ("token_endpoint", "client_id", "username")
+        ):
+            table.invalid.add("oauth2")
+            return
+        if "scope" not in value:
+            values["scope"] = defaultScope(values["token_endpoint"], bool(refresh))
+        table.values["oauth2"] = OAuth2Config(**values)
+
+    def rewrite(self, table: _Table, mode: str) -> None:
+        """
+        Read C{[delivery] rewrite_sender} and C{rewrite_from}.
+        """
+
+        def check(value: str) -> str | None:
+            if not value:
+                return None
+            try:
+                canonicalAddress(value)
+            except ValueError as e:
+                return f'"{value}" is not an address (local@domain): {e}'
+            return None
+
+        table.string("rewrite_sender", check)
+        table.boolean("rewrite_from")
+        if table.values.get("rewrite_sender") and mode != "smarthost":
+            table.report("rewrite_sender", 'only used with mode = "smarthost"')
+
+    def checkLegacyLane(self, listeners: list[_Table], relay: RelayConfig) -> None:
+        """
+        The legacy lane is for devices in C{[relay] trusted_networks} only,
+        and plaintext AUTH only on a listener bound to a LAN address.
+        """
+        for table in listeners:
+            for key in ("allow_plaintext_auth_from", "allow_bare_lf_from"):
+                for network in table.values.get(key, ()):
+                    if not any(
+                        network.version == trusted.version
+                        and network.subnet_of(trusted)
+                        for trusted in relay.trusted_networks
+                    ):
+                        table.report(
+                            key,
+                            f"{network} is not within [relay] trusted_networks:"
+                            " the legacy lane is only for your own devices",
+                        )
+            if table.values.get("allow_plaintext_auth_from"):
+                problem = _lanOnly(table.values.get("endpoint", ""))
+                if problem is not None:
+                    table.report("allow_plaintext_auth_from", problem)
 
     def checkAuthReachable(
         self,
@@ -1632,6 +1941,8 @@ class _Validator:
         if "trusted_networks" in relayTable.invalid or relay.trusted_networks:
             return
         if not auth.require_tls:
+            return
+        if any(t.values.get("allow_plaintext_auth_from") for t in listeners):
             return
         modes = [t.values.get("tls", ListenerConfig.tls) for t in listeners]
         if any("tls" in t.invalid for t in listeners) or any(

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import getpass as _getpass
 import os
-import stat
-import tempfile
 from collections.abc import Callable
 from typing import TextIO
 
 from twisted.logger import Logger
 
 from smtpauth_relay import passwords
+from smtpauth_relay.durable import replaceFile
 from smtpauth_relay.passwordpolicy import checkPassword
 
 __all__ = ["parseHtpasswd", "passwdCommand", "setUser", "validateUsername"]
@@ -236,35 +235,7 @@ def setUser(path: str, user: str, encoded: str) -> None:
         existing, original = b"", None
     content = _replaceEntry(existing, user, newLine)
 
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if original is None:
-                os.fchmod(f.fileno(), NEW_FILE_MODE)
-            else:
-                os.fchmod(f.fileno(), stat.S_IMODE(original.st_mode))
-                created = os.fstat(f.fileno())
-                if (created.st_uid, created.st_gid) != (
-                    original.st_uid,
-                    original.st_gid,
-                ):
-                    # Without this, root editing a root:relay 0640 file would
-                    # leave one the relay can no longer read.
-                    os.fchown(f.fileno(), original.st_uid, original.st_gid)
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsyncDirectory(directory)
+    replaceFile(path, content, NEW_FILE_MODE, like=original)
 
 
 def _replaceEntry(existing: bytes, user: str, newLine: bytes) -> bytes:
@@ -291,17 +262,6 @@ def _replaceEntry(existing: bytes, user: str, newLine: bytes) -> bytes:
             out[-1] += b"\n"
         out.append(newLine + b"\n")
     return b"".join(out)
-
-
-def _fsyncDirectory(directory: str) -> None:
-    """
-    Make a rename in C{directory} durable.
-    """
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _USAGE = (

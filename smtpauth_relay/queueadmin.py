@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from smtpauth_relay.control import controlSocketPath, isQueueId
+from smtpauth_relay.durable import fsyncDirectory
 from smtpauth_relay.envelope import Envelope
-from smtpauth_relay.spool import fsyncDirectory
 
 __all__ = [
     "humanDuration",

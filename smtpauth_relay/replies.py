@@ -81,6 +81,7 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing connection")
 
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+TLS_TOO_OLD = Reply(421, "4.7.0", "TLS version too old; use TLS 1.2 or later")
 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")

@@ -47,6 +47,15 @@ syntax), so neither quoting nor a tag can make one address pass for another.
 
 Senders the module cannot read (invalid syntax, an empty local part, a source
 route, a trailing dot in the domain) are refused unless the user has C{*}.
+
+A line may end with C{=> ADDRESS}: mail from that user is sent to the
+smarthost as ADDRESS (C{[delivery] rewrite_sender} for that user alone; see
+L{smtpauth_relay.rewrite})::
+
+    alice: alice@example.org, @example.com => shared-mailbox@example.org
+
+A user has one rewrite address; a line naming a different one than an
+earlier line is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -133,6 +142,8 @@ class SenderGrants:
         whose subdomains' addresses, may be used.
     @ivar anything: Whether any non-null sender may be used.
     @ivar nullSender: Whether the null sender C{<>} may be used.
+    @ivar rewrite: The address the user's mail is sent upstream as
+        (C{=> ADDRESS}), or C{None}.
     """
 
     addresses: frozenset[tuple[str, str]] = frozenset()
@@ -140,6 +151,7 @@ class SenderGrants:
     domainTrees: frozenset[str] = frozenset()
     anything: bool = False
     nullSender: bool = False
+    rewrite: str | None = None
 
 
 @dataclass
@@ -153,6 +165,7 @@ class _GrantsBuilder:
     domainTrees: set[str] = field(default_factory=set)
     anything: bool = False
     nullSender: bool = False
+    rewrite: str | None = None
 
     def freeze(self) -> SenderGrants:
         return SenderGrants(
@@ -161,6 +174,7 @@ class _GrantsBuilder:
             domainTrees=frozenset(self.domainTrees),
             anything=self.anything,
             nullSender=self.nullSender,
+            rewrite=self.rewrite,
         )
 
 
@@ -292,6 +306,32 @@ def _parseItem(item: str, grants: _GrantsBuilder) -> None:
         grants.addresses.add(canonicalAddress(item))
 
 
+def _splitRewrite(text: str) -> tuple[str, str | None]:
+    """
+    Split the part of a line after the user name at a C{=>} outside quoted
+    strings.
+
+    @return: the items, and the rewrite address (stripped) or C{None}.
+    @raise ValueError: if the rewrite address is not an address.
+    """
+    inQuote = escaped = False
+    for position, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif inQuote and c == "\\":
+            escaped = True
+        elif c == '"':
+            inQuote = not inQuote
+        elif not inQuote and text.startswith("=>", position):
+            address = text[position + 2 :].strip()
+            try:
+                canonicalAddress(address)
+            except ValueError as e:
+                raise ValueError(f"rewrite address '{_shown(address)}': {e}") from None
+            return text[:position], address
+    return text, None
+
+
 def _splitItems(text: str) -> list[str]:
     """
     Split the part of a line after the user name at the commas outside
@@ -339,10 +379,11 @@ def _parseLine(text: str) -> tuple[str, _GrantsBuilder] | None:
         validateUsername(user)
     except ValueError as e:
         raise ValueError(f"invalid user name: {e}") from None
+    rest, rewrite = _splitRewrite(rest)
     items = _splitItems(rest)
     if not items:
         raise ValueError(f"no addresses listed for {_shown(user)}")
-    grants = _GrantsBuilder()
+    grants = _GrantsBuilder(rewrite=rewrite)
     for item in items:
         try:
             _parseItem(item, grants)
@@ -391,6 +432,17 @@ def parseSenderLoginMap(data: bytes | str, path: str) -> dict[str, SenderGrants]
             continue
         user, grants = entry
         merged = builders.setdefault(user, _GrantsBuilder())
+        if grants.rewrite is not None:
+            if merged.rewrite is not None and merged.rewrite != grants.rewrite:
+                log.warn(
+                    "Skipping line {lineNumber} of sender login map {path}: "
+                    "{user} already has another rewrite address",
+                    path=path,
+                    lineNumber=lineNumber,
+                    user=_shown(user),
+                )
+                continue
+            merged.rewrite = grants.rewrite
         merged.addresses |= grants.addresses
         merged.domains |= grants.domains
         merged.domainTrees |= grants.domainTrees
@@ -522,6 +574,18 @@ class SenderLoginMap:
         return Refusal(
             f"<{_shown(sender)}> is not an address {_shown(user)} may send as"
         )
+
+    def rewriteFor(self, user: str) -> str | None:
+        """
+        The address C{user}'s mail is sent upstream as (C{=> ADDRESS}).
+
+        @return: the address, or C{None} when the map gives none.
+        @raise OSError: if the map cannot be read (fail closed: the caller
+            must not send the message unrewritten).
+        """
+        current = self._file.current()
+        grants = current.get(user)
+        return grants.rewrite if grants is not None else None
 
 
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")

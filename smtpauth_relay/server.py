@@ -55,7 +55,7 @@ from smtpauth_relay.interfaces import ISpool
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout
 from smtpauth_relay.metrics import RelayMetrics, refusalReason, rejectionReason
-from smtpauth_relay.policy import RelayPolicy
+from smtpauth_relay.policy import IPNetwork, RelayPolicy, inNetworks
 from smtpauth_relay.rdns import confirmedName
 from smtpauth_relay.replies import Reply
 from smtpauth_relay.sasl import (
@@ -135,6 +135,14 @@ class SessionSettings:
     sessionMaxAuthFailures: int = 3
     dataTimeout: float = 300.0
     maxSessionTime: float = 3600.0
+    tlsFloor: str = "TLSv1.2"
+    """The oldest TLS version allowed to everyone ([tls] minimum_version)."""
+    legacyTLSFrom: tuple[IPNetwork, ...] = ()
+    """Clients allowed a TLS version below L{tlsFloor} (the legacy lane)."""
+    plaintextAuthFrom: tuple[IPNetwork, ...] = ()
+    """Clients allowed to AUTH without TLS (the legacy lane)."""
+    bareLFFrom: tuple[IPNetwork, ...] = ()
+    """Clients whose bare LF in DATA is taken as a line end (the legacy lane)."""
 
 
 class ConnectionLimiter:
@@ -217,6 +225,10 @@ def peerHost(transport: Any) -> str:
     return str(getattr(peer, "host", peer))
 
 
+#: TLS versions by age, as OpenSSL names them.
+TLS_ORDER = {"TLSv1": 0, "TLSv1.1": 1, "TLSv1.2": 2, "TLSv1.3": 3}
+
+
 def tlsInfo(transport: Any) -> TLSInfo | None:
     """
     The negotiated TLS version and cipher of C{transport}, if it is TLS.
@@ -279,6 +291,10 @@ class RelayESMTP(smtp.ESMTP):
         self._abortCall: Any = None
         self._handshakePending = self._secure
         self._shuttingDown = False
+        self._plaintextAuth = False
+        self._bareLF = False
+        self._legacy: list[str] = []
+        """What the legacy lane allowed this session (for Received)."""
 
     # -- connection -----------------------------------------------------
 
@@ -290,6 +306,8 @@ class RelayESMTP(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self._peer = peerHost(self.transport)
+        self._plaintextAuth = inNetworks(self._peer, self.settings.plaintextAuthFrom)
+        self._bareLF = inNetworks(self._peer, self.settings.bareLFFrom)
         self._started = self.clock.seconds()
         refusal = self.factory.limiter.open(self._peer, self)
         self._counted = True
@@ -328,9 +346,34 @@ class RelayESMTP(smtp.ESMTP):
 
     def handshakeCompleted(self) -> None:
         """
-        The TLS handshake is done (L{IHandshakeListener}).
+        The TLS handshake is done (L{IHandshakeListener}).  A version below
+        the floor is allowed only to the legacy lane; anyone else is told
+        and disconnected.
         """
         self._handshakePending = False
+        info = tlsInfo(self.transport)
+        if info is None or info.version not in TLS_ORDER:
+            return
+        if TLS_ORDER[info.version] >= TLS_ORDER.get(self.settings.tlsFloor, 0):
+            return
+        if inNetworks(self._peer, self.settings.legacyTLSFrom):
+            self._legacy.append(info.version)
+            return
+        log.info(
+            "refused {version} from {peer}: below [tls] minimum_version",
+            version=info.version,
+            peer=self._peer,
+        )
+        # On the next turn: with implicit TLS the greeting, written before
+        # the handshake, is still waiting in the TLS layer and must go first.
+        self._busy = True
+        self.clock.callLater(0, self._refuseOldTLS)
+
+    def _refuseOldTLS(self) -> None:
+        if self.transport.disconnecting:
+            return
+        self.reply(replies.TLS_TOO_OLD)
+        self._close()
 
     def _close(self, waitForHandshake: bool = False) -> None:
         """
@@ -672,7 +715,7 @@ class RelayESMTP(smtp.ESMTP):
         ]
         if self.canStartTLS and not self._secure:
             lines.append("STARTTLS")
-        if self._authAvailable() and (self._secure or not self.settings.requireTLS):
+        if self._authAvailable() and (self._secure or not self._tlsNeededForAuth()):
             offered = self._offeredMechanisms()
             if offered:
                 lines.append("AUTH " + " ".join(offered))
@@ -741,11 +784,18 @@ class RelayESMTP(smtp.ESMTP):
 
     # -- AUTH -----------------------------------------------------------------
 
+    def _tlsNeededForAuth(self) -> bool:
+        """
+        Whether AUTH waits for TLS: C{require_tls}, unless this client is in
+        the listener's C{allow_plaintext_auth_from}.
+        """
+        return self.settings.requireTLS and not self._plaintextAuth
+
     def ext_AUTH(self, rest: bytes) -> Deferred[Submitter] | None:
         if not self._authAvailable():
             self._error(replies.AUTH_NOT_AVAILABLE)
             return None
-        if self.settings.requireTLS and not self._secure:
+        if self._tlsNeededForAuth() and not self._secure:
             self._error(replies.AUTH_NEEDS_TLS)
             return None
         if not self._esmtp:
@@ -944,6 +994,8 @@ class RelayESMTP(smtp.ESMTP):
         The session is logged in as C{submitter}: 235.
         """
         self._submitter = submitter
+        if not self._secure:
+            self._legacy.append("AUTH without TLS")
         self.factory.metrics.authAttempt(submitter.mechanism, "success")
         if self.factory.lockout is not None:
             self.factory.lockout.succeeded(self._peer, submitter.username)
@@ -1133,6 +1185,7 @@ class RelayESMTP(smtp.ESMTP):
             queueId=writer.queueId,
             recipients=tuple(self._recipients),
             when=self.clock.seconds(),
+            legacy=tuple(self._legacy + (["bare LF accepted"] if self._bareLF else [])),
         )
         self._intake = MessageIntake(
             writer,
@@ -1157,7 +1210,10 @@ class RelayESMTP(smtp.ESMTP):
         """
         intake = self._intake
         assert intake is not None
-        end = self._buffer.find(b"\r\n", self._pos)
+        # Only CRLF ends a line (a bare LF is refused by the intake: SMTP
+        # smuggling), except for the legacy lane's devices, whose bare LF
+        # is a line end like CRLF.
+        end = self._buffer.find(b"\n" if self._bareLF else b"\r\n", self._pos)
         if end == -1:
             if len(self._buffer) - self._pos > self.settings.maxLineLength:
                 # Keep the last octet: it may be the CR of the CRLF that
@@ -1167,8 +1223,14 @@ class RelayESMTP(smtp.ESMTP):
                 self._inLongDataLine = True
                 intake.overlongLine()
             return False
-        line = self._buffer[self._pos : end]
-        self._pos = end + 2
+        if self._bareLF:
+            line = self._buffer[self._pos : end]
+            self._pos = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+        else:
+            line = self._buffer[self._pos : end]
+            self._pos = end + 2
         self.resetTimeout()
         if self._inLongDataLine:
             self._inLongDataLine = False

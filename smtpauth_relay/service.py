@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import strports
@@ -29,7 +29,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from smtpauth_relay.auth import ChainChecker, makePortal
-from smtpauth_relay.config import Config, loadConfig, readPasswordFile
+from smtpauth_relay.config import (
+    Config,
+    ListenerConfig,
+    loadConfig,
+    readPasswordFile,
+)
 from smtpauth_relay.control import makeControlService
 from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
@@ -44,6 +49,7 @@ from smtpauth_relay.proxyprotocol import ProxyProtocolFactory
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.senders import SenderLoginMap
 from smtpauth_relay.server import (
+    TLS_ORDER,
     ConnectionLimiter,
     RelayServerFactory,
     SessionSettings,
@@ -87,11 +93,14 @@ def systemdSocketMissing(endpoint: str, environ: Any = os.environ) -> str:
     )
 
 
-def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
+def sessionSettings(config: Config, listener: ListenerConfig) -> SessionSettings:
     """
-    The per-session settings of a listener with TLS mode C{tlsMode}.
+    The per-session settings of C{listener}.
     """
     server = config.server
+    floor = config.tls.minimum_version
+    listenerFloor = listener.minimum_tls_version or floor
+    legacyTLS = TLS_ORDER.get(listenerFloor, 2) < TLS_ORDER.get(floor, 2)
     return SessionSettings(
         hostname=server.hostname,
         maxMessageSize=server.max_message_size,
@@ -102,9 +111,38 @@ def sessionSettings(config: Config, tlsMode: str) -> SessionSettings:
         maxLineLength=server.max_line_length,
         mechanisms=config.auth.mechanisms,
         requireTLS=config.auth.require_tls,
-        tlsMode=tlsMode,
+        tlsMode=listener.tls,
         sessionMaxAuthFailures=config.auth.lockout.session_max_failures,
+        tlsFloor=floor,
+        legacyTLSFrom=config.relay.trusted_networks if legacyTLS else (),
+        plaintextAuthFrom=listener.allow_plaintext_auth_from,
+        bareLFFrom=listener.allow_bare_lf_from,
     )
+
+
+def warnLegacyLane(listener: ListenerConfig) -> None:
+    """
+    Name, at start, what a listener's legacy lane lets through.
+    """
+    if listener.allow_plaintext_auth_from:
+        log.warn(
+            "{endpoint}: AUTH without TLS allowed from {networks}; passwords"
+            " from these devices cross the LAN in clear",
+            endpoint=listener.endpoint,
+            networks=", ".join(str(n) for n in listener.allow_plaintext_auth_from),
+        )
+    if listener.allow_bare_lf_from:
+        log.warn(
+            "{endpoint}: bare LF taken as a line end from {networks}",
+            endpoint=listener.endpoint,
+            networks=", ".join(str(n) for n in listener.allow_bare_lf_from),
+        )
+    if listener.minimum_tls_version in ("TLSv1", "TLSv1.1"):
+        log.warn(
+            "{endpoint}: {version} allowed for [relay] trusted_networks",
+            endpoint=listener.endpoint,
+            version=listener.minimum_tls_version,
+        )
 
 
 def makeRelayService(
@@ -140,15 +178,19 @@ def makeRelayService(
     limiter = ConnectionLimiter(
         config.server.max_connections, config.server.max_connections_per_ip
     )
-    contextFactory = None
+    # One TLS context for the listeners at [tls] minimum_version (key None),
+    # one for each other minimum_tls_version a listener asks for.
+    tlsContexts: dict[str | None, ReloadableContext] = {}
     if config.tls.certificate and config.tls.private_key:
-        contextFactory = ReloadableContext(
-            serverContextFactory(
-                config.tls.certificate,
-                config.tls.private_key,
-                config.tls.minimum_version,
+        for version in {None} | {x.minimum_tls_version for x in config.listeners}:
+            tlsContexts[version] = ReloadableContext(
+                serverContextFactory(
+                    config.tls.certificate,
+                    config.tls.private_key,
+                    version or config.tls.minimum_version,
+                )
             )
-        )
+    contextFactory = tlsContexts.get(None)
 
     resolver = None
     if config.server.reverse_dns:
@@ -173,14 +215,16 @@ def makeRelayService(
 
     factories: list[RelayServerFactory] = []
     for listener in config.listeners:
+        warnLegacyLane(listener)
+        listenerContext = tlsContexts.get(listener.minimum_tls_version)
         factory: Any = RelayServerFactory(
-            sessionSettings(config, listener.tls),
+            sessionSettings(config, listener),
             portal,
             spool,
             policy,
             limiter,
             reactor,
-            contextFactory,
+            listenerContext,
             resolver,
             lockout,
             senders,
@@ -192,8 +236,8 @@ def makeRelayService(
         )
         factories.append(factory)
         if listener.tls == "implicit":
-            assert contextFactory is not None, "config requires [tls] for TLS"
-            factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+            assert listenerContext is not None, "config requires [tls] for TLS"
+            factory = TLSMemoryBIOFactory(listenerContext, False, factory)
         if listener.proxy_protocol:
             # The PROXY header comes first on the wire, before any TLS: the
             # PROXY layer is the outermost.
@@ -252,6 +296,7 @@ def makeRelayService(
             lockout,
             limits,
             runner,
+            tlsContexts,
         ),
         notifier,
         reactor,
@@ -273,6 +318,8 @@ class Relay:
     lockout: Lockout
     limits: RateLimits
     runner: QueueRunner
+    tlsContexts: dict[str | None, ReloadableContext] = field(default_factory=dict)
+    """Every listener TLS context, by minimum_tls_version (None: [tls]'s)."""
 
     def apply(self, new: Config) -> list[str]:
         """
@@ -302,10 +349,15 @@ class Relay:
             needsRestart.append("[tls] (turned on or off)")
         self._pending = _Prepared(
             options=(
-                serverContextFactory(
-                    new.tls.certificate, new.tls.private_key, new.tls.minimum_version
-                )
-                if new.tls.certificate and new.tls.private_key and self.tlsContext
+                {
+                    version: serverContextFactory(
+                        new.tls.certificate,
+                        new.tls.private_key,
+                        version or new.tls.minimum_version,
+                    )
+                    for version in self.tlsContexts
+                }
+                if new.tls.certificate and new.tls.private_key and self.tlsContexts
                 else None
             ),
             checkers=[
@@ -331,8 +383,9 @@ class Relay:
         Switch to what L{apply} prepared (on the reactor thread).
         """
         prepared = self._pending
-        if prepared.options is not None and self.tlsContext is not None:
-            self.tlsContext.options = prepared.options
+        if prepared.options is not None:
+            for version, options in prepared.options.items():
+                self.tlsContexts[version].options = options
         chain = self.portal.checkers.get(IUsernamePassword)
         if isinstance(chain, ChainChecker):
             replaced = [c for c in chain.checkers if c not in prepared.checkers]
@@ -342,8 +395,15 @@ class Relay:
             trustedNetworks=new.relay.trusted_networks,
             trustedRelays=new.relay.trusted_relays,
         )
-        for factory in self.factories:
-            factory.settings = sessionSettings(new, factory.settings.tlsMode)
+        # A change of listeners needs a restart: until then the running
+        # listeners keep their own keys.
+        listeners = (
+            new.listeners
+            if new.listeners == self.config.listeners
+            else (self.config.listeners)
+        )
+        for factory, listener in zip(self.factories, listeners, strict=True):
+            factory.settings = sessionSettings(new, listener)
             factory.policy = policy
             factory.senders = prepared.senders
             factory.checkHeaderFrom = new.relay.check_header_from
@@ -478,6 +538,27 @@ def makeDeliveryAgent(
         password = (
             readPasswordFile(delivery.password_file) if delivery.password_file else b""
         )
+        from smtpauth_relay.oauth2 import MECHANISMS, TokenClient, makeHTTPClient
+        from smtpauth_relay.rewrite import SenderRewriter
+
+        tokens = None
+        username = delivery.username
+        if delivery.oauth2 is not None:
+            tokens = TokenClient(
+                delivery.oauth2.settings(),
+                reactor,
+                makeHTTPClient(reactor),
+                runInThread,
+            )
+            username = delivery.oauth2.username
+        rewriter = None
+        senderMap = config.relay.sender_login_map
+        if delivery.rewrite_sender or senderMap:
+            rewriter = SenderRewriter(
+                delivery.rewrite_sender,
+                delivery.rewrite_from,
+                SenderLoginMap(senderMap) if senderMap else None,
+            )
         return SmarthostDelivery(
             reactor,
             delivery.host,
@@ -486,12 +567,15 @@ def makeDeliveryAgent(
             heloName=config.server.hostname,
             verify=delivery.verify,
             caFile=delivery.ca_file,
-            username=delivery.username,
+            username=username,
             password=password,
             forwardAuthIdentity=delivery.forward_auth_identity,
             maxConnections=delivery.max_per_destination,
             connectTimeout=delivery.connect_timeout,
             timeout=delivery.timeout,
+            tokens=tokens,
+            mechanism=MECHANISMS.get(delivery.auth, ""),
+            rewriter=rewriter,
         )
     if delivery.mode == "mx":
         return MXDelivery(

@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smtpauth_relay.durable import fsyncDirectory, replaceFile
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
@@ -41,29 +42,12 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 log = Logger()
 
 
-def fsyncDirectory(path: str) -> None:
-    """
-    Make the entries of directory C{path} (renames, unlinks) durable.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def writeFileDurably(directory: str, tmpDirectory: str, name: str, data: bytes) -> None:
     """
     Write C{data} to C{directory/name} atomically: a temp file in
     C{tmpDirectory} (same file system), fsync, rename, fsync of C{directory}.
     """
-    tmp = os.path.join(tmpDirectory, name + "." + secrets.token_hex(4))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, name))
-    fsyncDirectory(directory)
+    replaceFile(os.path.join(directory, name), data, None, tmpDirectory=tmpDirectory)
 
 
 def newQueueId(now: float) -> str:

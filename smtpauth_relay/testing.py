@@ -212,8 +212,11 @@ class FakeTLSConnection:
     Stands in for C{OpenSSL.SSL.Connection} in L{TLSStringTransport}.
     """
 
+    def __init__(self, version: str = "TLSv1.3") -> None:
+        self.version = version
+
     def get_protocol_version_name(self) -> str:
-        return "TLSv1.3"
+        return self.version
 
     def get_cipher_name(self) -> str:
         return "TLS_AES_256_GCM_SHA384"
@@ -231,6 +234,8 @@ class TLSStringTransport(StringTransport):
 
     tlsStarted: Any = None
     beforeTLS = b""
+    tlsVersion = "TLSv1.3"
+    """The version the fake handshake negotiates."""
 
     def startTLS(self, contextFactory: Any) -> None:
         self.tlsStarted = contextFactory
@@ -239,7 +244,7 @@ class TLSStringTransport(StringTransport):
         directlyProvides(self, ISSLTransport)
 
     def getHandle(self) -> FakeTLSConnection:
-        return FakeTLSConnection()
+        return FakeTLSConnection(self.tlsVersion)
 
 
 class CheckerContractMixin:

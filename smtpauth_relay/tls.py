@@ -21,9 +21,34 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1_0,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
+
+#: OpenSSL's numbers for the versions a legacy listener may go down to.
+_LEGACY_PROTOCOLS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302}
+
+
+class LegacyCertificateOptions(ssl.CertificateOptions):
+    """
+    Options for a legacy listener (C{minimum_tls_version = "TLSv1"} or
+    C{"TLSv1.1"}): OpenSSL 3 refuses those versions at its default security
+    level (and Debian's system configuration raises the floor to TLS 1.2),
+    so the floor and the security level are lowered on the context itself.
+    """
+
+    def __init__(self, protocol: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._legacyProtocol = protocol
+
+    def _makeContext(self, *args: Any, **kwargs: Any) -> Any:
+        context = super()._makeContext(*args, **kwargs)
+        context.set_min_proto_version(self._legacyProtocol)
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        return context
+
 
 PrivateKey = PrivateKeyTypes
 
@@ -111,6 +136,14 @@ def serverContextFactory(
         )
     # pyOpenSSL takes cryptography's objects directly (its own X509/PKey
     # wrappers are deprecated); Twisted's annotations still name the old ones.
+    if minimumVersion in _LEGACY_PROTOCOLS:
+        return LegacyCertificateOptions(
+            _LEGACY_PROTOCOLS[minimumVersion],
+            privateKey=key,
+            certificate=certs[0],
+            extraCertChain=certs[1:],
+            insecurelyLowerMinimumTo=VERSIONS[minimumVersion],
+        )
     return ssl.CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]
         certificate=certs[0],  # type: ignore[arg-type]

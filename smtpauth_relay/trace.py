@@ -83,18 +83,25 @@ def receivedHeader(
     queueId: str,
     recipients: tuple[str, ...],
     when: float,
+    legacy: tuple[str, ...] = (),
 ) -> bytes:
     """
     Build the C{Received} header, folded, LF-terminated lines.
 
     The C{for} clause names the recipient only when there is exactly one, so
     the header never discloses the other (possibly Bcc) recipients.
+
+    @param legacy: what the legacy lane allowed this session (C{"AUTH
+        without TLS"}, C{"TLSv1"}, C{"bare LF accepted"}), named in a
+        comment so that mail from such a device can be told apart.
     """
     peer = addressLiteral(peerHost)
     fromPart = f"{reverseName} {peer}" if reverseName else peer
     lines = [f"Received: from {helo} ({fromPart})"]
     if tls is not None:
         lines.append(f"\t{tls.comment()}")
+    if legacy:
+        lines.append(f"\t(legacy device: {', '.join(legacy)})")
     # RFC 3848 names ESMTP's variants; a HELO session over implicit TLS is
     # still better described by ESMTPS than by a bare SMTP.
     secure = tls is not None

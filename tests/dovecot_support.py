@@ -23,20 +23,17 @@ tests cannot run here (no Dovecot, another major version, not root).
 
 from __future__ import annotations
 
-import atexit
 import base64
 import grp
 import hashlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 from typing import Any
 
-from tests.e2e_support import HOST, START_TIMEOUT, STOP_TIMEOUT, freePorts, poll
+from tests.e2e_support import HOST, ServerProcess, freePorts
 from tests.upstream_support import CertificateAuthority
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -100,7 +97,7 @@ def passwdLine(user: str, password: str) -> str:
     return f"{user}:{{SHA256}}{base64.b64encode(digest).decode('ascii')}\n"
 
 
-class DovecotProcess:
+class DovecotProcess(ServerProcess):
     """
     A Dovecot of its own in a temporary directory.
 
@@ -109,6 +106,8 @@ class DovecotProcess:
     @ivar imapPort: The plaintext port (C{STARTTLS}).
     @ivar imapsPort: The implicit TLS port.
     """
+
+    name = "Dovecot"
 
     def __init__(self, users: dict[str, str], executable: str = DOVECOT) -> None:
         self.users = dict(users)
@@ -192,119 +191,14 @@ service anvil {{
         with open(self.configPath, "w") as f:
             f.write(config)
 
-    def config(self) -> str:
-        with open(self.configPath) as f:
-            return f.read()
+    def _logFiles(self) -> tuple[str, ...]:
+        return (self.outputPath, self.logPath)
 
-    def log(self) -> str:
-        """
-        Dovecot's log and what it wrote to stdout and stderr so far.
-        """
-        text = []
-        for path in (self.outputPath, self.logPath):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text.append(f.read())
-            except FileNotFoundError:
-                pass
-        return "\n".join(text) or "(no log)"
+    def _listeningPorts(self) -> tuple[int, ...]:
+        return (self.imapPort, self.imapsPort)
 
-    def start(self, attempts: int = 3) -> None:
-        """
-        Start C{dovecot -F -c dovecot.conf} and wait until both ports accept
-        connections; on a port taken since it was chosen, choose new ones and
-        try again (up to C{attempts} times in all).
-        """
-        for attempt in range(attempts):
-            logStart = len(self.log())
-            try:
-                self._start()
-                return
-            except AssertionError:
-                if attempt + 1 == attempts or (
-                    "Address already in use" not in self.log()[logStart:]
-                ):
-                    raise
-            self._choosePorts()
-
-    def _start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        command = [self.executable, "-F", "-c", self.configPath]
-        with open(self.outputPath, "ab") as output:
-            output.write(f"=== starting: {command}\n".encode())
-            output.flush()
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        _servers.add(self)
-        try:
-            for port in (self.imapPort, self.imapsPort):
-
-                def accepts(port: int = port) -> bool:
-                    return self._accepts(port)
-
-                def describe(port: int = port) -> str:
-                    return f"Dovecot to listen on {HOST}:{port}\n{self.log()}"
-
-                poll(accepts, START_TIMEOUT, describe)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"Dovecot exited with status {self.process.returncode}:\n"
-                f"{self.log()}\n{self.config()}"
-            )
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        """
-        SIGTERM (the master stops its children and exits), wait, SIGKILL
-        the process group if it does not.
-        """
-        process = self.process
-        _servers.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-
-    def remove(self) -> None:
-        """
-        Stop Dovecot and delete its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-_servers: set[DovecotProcess] = set()
-
-
-@atexit.register
-def _stopServers() -> None:
-    """
-    Never leave a Dovecot behind, whatever the tests did.
-    """
-    for server in list(_servers):
-        server.remove()
+    def _command(self) -> list[str]:
+        return [self.executable, "-F", "-c", self.configPath]
 
 
 class SharedDovecotMixin:

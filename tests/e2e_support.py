@@ -9,21 +9,25 @@ tests talk to it with blocking sockets.
 from __future__ import annotations
 
 import atexit
+import base64
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from twisted.trial.unittest import FailTest
+from twisted.trial.unittest import FailTest, SynchronousTestCase
 
 from smtpauth_relay.demo import twistdCommand
 from smtpauth_relay.htpasswd import setUser
@@ -90,6 +94,192 @@ def freePorts(count: int) -> list[int]:
             s.close()
 
 
+def acceptsConnections(port: int, host: str = HOST) -> bool:
+    """
+    Whether something accepts TCP connections on C{host:port} now.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stopProcess(
+    process: subprocess.Popen[bytes] | None,
+    stopSignal: int = signal.SIGTERM,
+    timeout: float = STOP_TIMEOUT,
+) -> None:
+    """
+    Send C{process} C{stopSignal} and wait for it to exit; SIGKILL it if it
+    has not within C{timeout} seconds.  Nothing if there is no process or
+    it has exited already.
+    """
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(stopSignal)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
+class ServerProcess:
+    """
+    A server the tests run in a subprocess, from a configuration and a
+    temporary directory of its own, listening on ports chosen free.
+
+    A subclass says how to run it (L{_command}, L{_popenArguments}), which
+    ports to wait for (L{_listeningPorts}) and how to choose new ones
+    (L{_choosePorts}); it sets C{directory}, C{configPath}, C{logPath} and
+    C{process} (C{None} until started).
+
+    @cvar name: What failures call the server.
+    @cvar portTaken: What it logs when a port it should listen on is taken.
+    """
+
+    name: ClassVar[str] = "server"
+    portTaken: ClassVar[str] = "Address already in use"
+
+    directory: str
+    configPath: str
+    logPath: str
+    process: subprocess.Popen[bytes] | None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError()
+
+    def _popenArguments(self) -> dict[str, Any]:
+        """
+        More keyword arguments for L{subprocess.Popen}.
+        """
+        return {}
+
+    def _listeningPorts(self) -> Iterable[int]:
+        raise NotImplementedError()
+
+    def _choosePorts(self) -> None:
+        raise NotImplementedError()
+
+    def _logFiles(self) -> tuple[str, ...]:
+        """
+        The files the server writes to; the first gets its stdout and
+        stderr.
+        """
+        return (self.logPath,)
+
+    def config(self) -> str:
+        with open(self.configPath) as f:
+            return f.read()
+
+    def log(self) -> str:
+        """
+        Everything the server wrote (to stdout, stderr and its log) so far.
+        """
+        text = []
+        for path in self._logFiles():
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                pass
+        return "\n".join(text) or "(no log)"
+
+    def start(self, attempts: int = 3) -> None:
+        """
+        Start the server and wait until every port it listens on accepts
+        connections.  Should another process have taken one of the ports
+        since they were chosen, choose new ones and try again (up to
+        C{attempts} times in all).
+        """
+        for attempt in range(attempts):
+            logStart = len(self.log())
+            try:
+                self._start()
+                return
+            except AssertionError:
+                if attempt + 1 == attempts or not self._portWasTaken(
+                    self.log()[logStart:]
+                ):
+                    raise
+            self._choosePorts()
+
+    def _portWasTaken(self, log: str) -> bool:
+        """
+        Whether C{log}, what the server wrote as it failed to start, says
+        that a port was taken.
+        """
+        return self.portTaken in log
+
+    def _start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        command = self._command()
+        with open(self._logFiles()[0], "ab") as output:
+            output.write(f"=== starting: {command}\n".encode())
+            output.flush()
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                **self._popenArguments(),
+            )
+        _running.add(self)
+        try:
+            for port in self._listeningPorts():
+
+                def accepts(port: int = port) -> bool:
+                    return self._accepts(port)
+
+                def describe(port: int = port) -> str:
+                    return f"{self.name} to listen on {HOST}:{port}\n{self.log()}"
+
+                poll(accepts, START_TIMEOUT, describe)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _accepts(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"{self.name} exited with status {self.process.returncode} "
+                f"before listening on {port}:\n{self.log()}\n{self.config()}"
+            )
+        return acceptsConnections(port)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """
+        SIGTERM, wait, SIGKILL if it does not exit.
+        """
+        _running.discard(self)
+        stopProcess(self.process)
+
+    def remove(self) -> None:
+        """
+        Stop the server and delete its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_running: set[ServerProcess] = set()
+
+
+@atexit.register
+def _stopAll() -> None:
+    """
+    Never leave a server behind, whatever the tests did.
+    """
+    for server in list(_running):
+        server.remove()
+
+
 def clientContext(
     minimum: ssl.TLSVersion | None = None, maximum: ssl.TLSVersion | None = None
 ) -> ssl.SSLContext:
@@ -136,7 +326,7 @@ def toml(value: object) -> str:
 
 
 @dataclass(eq=False)
-class RelayProcess:
+class RelayProcess(ServerProcess):
     """
     One relay: its files in a temporary directory and its C{twistd}
     process.
@@ -164,6 +354,8 @@ class RelayProcess:
         C{LISTEN_FDS}, C{LISTEN_PID} (and C{LISTEN_FDNAMES} if
         C{fdNames}), as systemd's socket activation does.
     @ivar fdNames: the names of C{inheritFds}.
+    @ivar perListener: extra keys for the listener of one TLS mode
+        (C{"starttls"}, C{"implicit"}, C{"none"}).
     """
 
     server: dict[str, object] = field(default_factory=dict)
@@ -181,6 +373,9 @@ class RelayProcess:
     env: dict[str, str] = field(default_factory=dict)
     inheritFds: tuple[int, ...] = ()
     fdNames: tuple[str, ...] = ()
+    perListener: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    name: ClassVar[str] = "relay"
 
     def __post_init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="smtpauth-e2e-")
@@ -227,7 +422,8 @@ class RelayProcess:
                 f"endpoint = {toml(endpoint)}",
                 f"tls = {toml(mode)}",
             ]
-            lines += [f"{k} = {toml(v)}" for k, v in self.listener.items()]
+            extra = {**self.listener, **self.perListener.get(mode, {})}
+            lines += [f"{k} = {toml(v)}" for k, v in extra.items()]
         lines += [
             "",
             "[auth]",
@@ -239,7 +435,8 @@ class RelayProcess:
         relay = dict(self.relay)
         if self.senderLoginMap is not None:
             relay.setdefault("sender_login_map", self.senderLoginMapPath)
-        lines += ["", "[relay]", "trusted_networks = []"]
+        relay.setdefault("trusted_networks", [])
+        lines += ["", "[relay]"]
         lines += [f"{k} = {toml(v)}" for k, v in relay.items()]
         lines += [
             "",
@@ -266,43 +463,14 @@ class RelayProcess:
             return ()
         return (self.starttlsPort, self.implicitPort, self.plainPort)
 
-    def log(self) -> str:
-        """
-        Everything the relay wrote to stdout and stderr so far.
-        """
-        try:
-            with open(self.logPath, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return "(no log)"
+    def _listeningPorts(self) -> tuple[int, ...]:
+        return self.ports
 
-    def start(self, attempts: int = 3) -> None:
-        """
-        Start C{twistd -n smtpauth-relay --config ...} and wait until every
-        listener accepts connections.  Should another process have taken
-        one of the ports since they were chosen, choose new ones and try
-        again (up to C{attempts} times in all).
-        """
-        for attempt in range(attempts):
-            logStart = len(self.log())
-            try:
-                self._start()
-                return
-            except AssertionError:
-                if attempt + 1 == attempts or (
-                    "Address already in use" not in self.log()[logStart:]
-                ):
-                    raise
-            self.starttlsPort, self.implicitPort, self.plainPort = freePorts(3)
-            self._writeConfig()
+    def _choosePorts(self) -> None:
+        self.starttlsPort, self.implicitPort, self.plainPort = freePorts(3)
+        self._writeConfig()
 
-    def _start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
-        )
-        env.update(self.env)
+    def _command(self) -> list[str]:
         command = twistdCommand(
             ["-n", "--pidfile=", "smtpauth-relay", "--config", self.configPath]
         )
@@ -310,9 +478,6 @@ class RelayProcess:
             # As systemd does: the sockets become 3, 4, ... and LISTEN_PID
             # names the process that runs the relay (the launcher execs it).
             assert min(self.inheritFds) >= 3 + len(self.inheritFds), self.inheritFds
-            env["LISTEN_FDS"] = str(len(self.inheritFds))
-            if self.fdNames:
-                env["LISTEN_FDNAMES"] = ":".join(self.fdNames)
             command = [
                 sys.executable,
                 "-c",
@@ -320,66 +485,19 @@ class RelayProcess:
                 ",".join(str(fd) for fd in self.inheritFds),
                 *command,
             ]
-        with open(self.logPath, "ab") as log:
-            log.write(f"=== starting: {command}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.directory,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=self.inheritFds,
-            )
-        _running.add(self)
-        try:
-            for port in self.ports:
-                poll(
-                    lambda port=port: self._accepts(port),
-                    START_TIMEOUT,
-                    lambda port=port: (
-                        f"relay to listen on {HOST}:{port}\n" + self.log()
-                    ),
-                )
-        except BaseException:
-            self.stop()
-            raise
+        return command
 
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"relay exited with status {self.process.returncode} "
-                f"before listening on {port}:\n{self.log()}"
-            )
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """
-        SIGTERM, wait, SIGKILL if it does not exit.
-        """
-        process = self.process
-        _running.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-
-    def remove(self) -> None:
-        """
-        Stop the relay and delete its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def _popenArguments(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        env.update(self.env)
+        if self.inheritFds:
+            env["LISTEN_FDS"] = str(len(self.inheritFds))
+            if self.fdNames:
+                env["LISTEN_FDNAMES"] = ":".join(self.fdNames)
+        return {"env": env, "pass_fds": self.inheritFds}
 
     def kill9(self) -> None:
         """
@@ -493,16 +611,109 @@ os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
-_running: set[RelayProcess] = set()
+
+class SharedRelayTestCase(SynchronousTestCase):
+    """
+    Base for test classes that share one relay: started by the first test
+    of the class, stopped after the last (and at exit, whatever happens).
+
+    @cvar relayServer: extra C{[server]} keys of the relay.
+    @cvar relayTLS: extra C{[tls]} keys of the relay.
+    """
+
+    relayServer: dict[str, object] = {}
+    relayTLS: dict[str, object] = {}
+    _sharedRelay: RelayProcess | None = None
+    _startError: BaseException | None = None
+    _remaining: set[str] = set()
+
+    relay: RelayProcess
+
+    def setUp(self) -> None:
+        cls = type(self)
+        if cls.__dict__.get("_startError") is not None:
+            raise AssertionError(f"the relay did not start: {cls._startError}")
+        if cls.__dict__.get("_sharedRelay") is None:
+            relay = cls.makeRelay()
+            try:
+                relay.start()
+            except BaseException as e:
+                cls._startError = e
+                relay.remove()
+                raise
+            cls._sharedRelay = relay
+            cls._remaining = {n for n in dir(cls) if n.startswith("test_")}
+        shared = cls._sharedRelay
+        assert shared is not None
+        self.relay = shared
+        self.addCleanup(self._finished)
+
+    def _finished(self) -> None:
+        cls = type(self)
+        cls._remaining.discard(self._testMethodName)
+        relay = cls.__dict__.get("_sharedRelay")
+        if relay is not None and relay.process is not None:
+            if relay.process.poll() is not None:
+                raise AssertionError(
+                    f"the relay died with status {relay.process.returncode}:\n"
+                    + relay.log()
+                )
+        if not cls._remaining and relay is not None:
+            cls._sharedRelay = None
+            relay.remove()
+
+    @classmethod
+    def makeRelay(cls) -> RelayProcess:
+        """
+        The relay the class shares, not started yet.
+        """
+        return RelayProcess(server=dict(cls.relayServer), tls=dict(cls.relayTLS))
 
 
-@atexit.register
-def _stopAll() -> None:
+def loopbackAddresses(second: int, start: int = 2) -> Callable[[], str]:
     """
-    Never leave a relay behind, whatever the tests did.
+    A function that gives, at each call, a loopback address
+    C{127.SECOND.x.y} it has not given before (the C{start}th on), so that
+    the relay's per-address limits and lockouts never see two tests as one
+    client.  Each module takes its own C{SECOND}.
     """
-    for relay in list(_running):
-        relay.remove()
+    numbers = itertools.count(start)
+
+    def nextSourceAddress() -> str:
+        n = next(numbers)
+        return f"127.{second}.{n // 250}.{n % 250 + 1}"
+
+    return nextSourceAddress
+
+
+def b64(data: str | bytes) -> str:
+    """
+    C{data} (UTF-8 if text) in base64, as AUTH responses are sent.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+def plainResponse(user: str, password: str, authzid: str = "") -> str:
+    """
+    The C{AUTH PLAIN} response for C{user} and C{password}.
+    """
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+def closeQuietly(client: smtplib.SMTP) -> None:
+    """
+    Close an smtplib client, whatever state its connection is in.
+    """
+    try:
+        client.close()
+    except OSError:
+        pass
+
+
+QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-Za-z]+)\Z")
+"""The relay's reply to the end of a message it accepted; the queue ID."""
 
 
 class ConnectionClosed(Exception):
@@ -657,7 +868,7 @@ class ProxyRoute:
     version: int
 
 
-class HAProxyProcess:
+class HAProxyProcess(ServerProcess):
     """
     A real HAProxy in TCP mode, in the foreground (C{-db}): one frontend on
     127.0.0.1 per route, each forwarding to the relay from 127.0.0.1 with
@@ -665,6 +876,9 @@ class HAProxyProcess:
 
     @ivar ports: the frontend port of each route, by name.
     """
+
+    name = "HAProxy"
+    portTaken = "cannot bind socket"
 
     def __init__(self, routes: dict[str, ProxyRoute], executable: str = HAPROXY):
         self.routes = dict(routes)
@@ -705,108 +919,8 @@ class HAProxyProcess:
         with open(self.configPath, "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    def config(self) -> str:
-        with open(self.configPath) as f:
-            return f.read()
+    def _listeningPorts(self) -> Iterable[int]:
+        return self.ports.values()
 
-    def log(self) -> str:
-        """
-        Everything HAProxy wrote to stdout and stderr so far.
-        """
-        try:
-            with open(self.logPath, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return "(no log)"
-
-    def start(self, attempts: int = 3) -> None:
-        """
-        Start C{haproxy -f haproxy.cfg -db} and wait until every frontend
-        accepts connections; on a port taken since it was chosen, choose
-        new ones and try again (up to C{attempts} times in all).
-        """
-        for attempt in range(attempts):
-            logStart = len(self.log())
-            try:
-                self._start()
-                return
-            except AssertionError:
-                if attempt + 1 == attempts or (
-                    "cannot bind socket" not in self.log()[logStart:]
-                ):
-                    raise
-            self._choosePorts()
-
-    def _start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        command = [self.executable, "-f", self.configPath, "-db"]
-        with open(self.logPath, "ab") as log:
-            log.write(f"=== starting: {command}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        _proxies.add(self)
-        try:
-            for port in self.ports.values():
-                poll(
-                    lambda port=port: self._accepts(port),
-                    START_TIMEOUT,
-                    lambda port=port: (
-                        f"HAProxy to listen on {HOST}:{port}\n{self.log()}"
-                    ),
-                )
-        except BaseException:
-            self.stop()
-            raise
-
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"HAProxy exited with status {self.process.returncode}:\n"
-                f"{self.log()}\n{self.config()}"
-            )
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """
-        SIGTERM (HAProxy's hard stop), wait, SIGKILL if it does not exit.
-        """
-        process = self.process
-        _proxies.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-
-    def remove(self) -> None:
-        """
-        Stop HAProxy and delete its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-_proxies: set[HAProxyProcess] = set()
-
-
-@atexit.register
-def _stopProxies() -> None:
-    """
-    Never leave an HAProxy behind, whatever the tests did.
-    """
-    for proxy in list(_proxies):
-        proxy.remove()
+    def _command(self) -> list[str]:
+        return [self.executable, "-f", self.configPath, "-db"]

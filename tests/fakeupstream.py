@@ -3,11 +3,18 @@ A scripted upstream SMTP server for in-memory tests of the delivery client.
 
 Recipients decide their own fate by their local part: C{tempfail...} gets
 451 4.2.0 at RCPT, C{reject...} gets 550 5.1.1, anything else 250.
+
+With L{UpstreamScript.tokens} (a L{tests.tokenendpoint.TokenIssuer}) it
+takes XOAUTH2 and OAUTHBEARER, only over TLS and only with a token the
+issuer vouches for now, for L{UpstreamScript.oauthUser}; a refused token
+gets 535 (or, with L{UpstreamScript.errorChallenge}, a 334 error challenge
+first, as Google and RFC 7628 do).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +57,11 @@ class UpstreamScript:
     transactions: list[Transaction] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
     connections: int = 0
+    tokens: Any = None
+    oauthUser: str = ""
+    errorChallenge: bool = False
+    authReplies: list[bytes] = field(default_factory=list)
+    finishResponses: list[bytes] = field(default_factory=list)
 
 
 class FakeUpstream(LineOnlyReceiver):
@@ -116,12 +128,19 @@ class FakeUpstream(LineOnlyReceiver):
             if parts[1].upper() == b"PLAIN" and len(parts) == 3:
                 _, user, password = base64.b64decode(parts[2]).split(b"\0")
                 self._login(user, password)
+            elif parts[1].upper() in (b"XOAUTH2", b"OAUTHBEARER") and (
+                self.script.tokens is not None
+            ):
+                self._oauth(parts[1].upper(), parts[2] if len(parts) > 2 else b"")
             elif parts[1].upper() == b"LOGIN":
                 self.authStep = "user"
                 self.sendLine(b"334 " + base64.b64encode(b"Username:"))
             else:
                 self.sendLine(b"504 5.5.4 Unrecognized authentication type")
         elif verb == b"MAIL":
+            if self.script.tokens is not None and not self.authenticated:
+                self.sendLine(b"530 5.7.0 Authentication required")
+                return
             reply = self.script.mailReply
             if reply.startswith(b"250"):
                 self.current = Transaction(mailFrom=line)
@@ -148,7 +167,42 @@ class FakeUpstream(LineOnlyReceiver):
         else:
             self.sendLine(b"500 5.5.1 Unknown command")
 
+    def _oauth(self, mechanism: bytes, initial: bytes) -> None:
+        if not self.secure:
+            self._authReply(b"538 5.7.11 Encryption required")
+            return
+        text = base64.b64decode(initial).decode()
+        if mechanism == b"XOAUTH2":
+            fields = dict(f.split("=", 1) for f in text.split("\x01") if "=" in f)
+            user = fields.get("user", "")
+        else:
+            gs2, _, rest = text.partition("\x01")
+            fields = dict(f.split("=", 1) for f in rest.split("\x01") if "=" in f)
+            user = gs2.split(",")[1][2:].replace("=2C", ",").replace("=3D", "=")
+        auth = fields.get("auth", "")
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        if user == self.script.oauthUser and self.script.tokens.check(
+            token, self.script.oauthUser
+        ):
+            self.authenticated = True
+            self._authReply(b"235 2.7.0 Accepted")
+        elif self.script.errorChallenge:
+            error = {"status": "401", "schemes": "bearer", "scope": "https://mail"}
+            self.authStep = "finish"
+            self._authReply(b"334 " + base64.b64encode(json.dumps(error).encode()))
+        else:
+            self._authReply(b"535 5.7.3 Authentication unsuccessful")
+
+    def _authReply(self, reply: bytes) -> None:
+        self.script.authReplies.append(reply)
+        self.sendLine(reply)
+
     def _authResponse(self, line: bytes) -> None:
+        if self.authStep == "finish":
+            self.authStep = None
+            self.script.finishResponses.append(line)
+            self._authReply(b"535 5.7.8 Username and Password not accepted")
+            return
         value = base64.b64decode(line)
         if self.authStep == "user":
             self.loginUser = value

@@ -27,7 +27,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,7 +35,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
-HOST = "127.0.0.1"
+from tests.e2e_support import HOST, freePorts, stopProcess
+
 SUPERUSER = "postgres"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -84,16 +84,6 @@ def psycopgModule() -> Any:
     return psycopg
 
 
-def freePort() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PostgresServer:
     """
     One PostgreSQL server in a temporary directory.
@@ -107,7 +97,7 @@ class PostgresServer:
         self.bin = binDirectory()
         self.psycopg = psycopgModule()
         self.directory: str | None = None
-        self.port = freePort()
+        (self.port,) = freePorts(1)
         self._process: subprocess.Popen[bytes] | None = None
         self._account: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -247,14 +237,7 @@ class PostgresServer:
         Stop the server (fast shutdown: sessions are cut), keeping its data.
         """
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stopProcess(process, signal.SIGINT, STOP_TIMEOUT)
 
     def remove(self) -> None:
         """

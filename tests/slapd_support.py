@@ -28,14 +28,12 @@ import base64
 import ctypes
 import hashlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
+from typing import Any
 
-from tests.e2e_support import HOST, freePorts
+from tests.e2e_support import HOST, ServerProcess, freePorts
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
@@ -170,7 +168,7 @@ def _entries() -> str:
     return "\n".join(blocks)
 
 
-class Slapd:
+class Slapd(ServerProcess):
     """
     One slapd process and its temporary directory.
 
@@ -181,27 +179,17 @@ class Slapd:
     @ivar ldapsPort: The C{ldaps://} port.
     """
 
+    name = "slapd"
+
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="smtpauth-relay-slapd-")
-        self._process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.ldapPort = self.ldapsPort = 0
         self.caPath = ""
+        self.configPath = os.path.join(self.directory, "slapd.conf")
+        self.logPath = os.path.join(self.directory, "slapd.log")
 
-    @property
-    def logPath(self) -> str:
-        return os.path.join(self.directory, "slapd.log")
-
-    def log(self) -> str:
-        """
-        What slapd wrote so far.
-        """
-        try:
-            with open(self.logPath, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def _configure(self) -> str:
+    def _configure(self) -> None:
         from tests.upstream_support import CertificateAuthority
 
         authority = CertificateAuthority(self.directory, name="slapd test CA")
@@ -212,7 +200,7 @@ class Slapd:
         schema = os.path.join(self.directory, "test-ad.schema")
         with open(schema, "w") as f:
             f.write(_SCHEMA)
-        config = os.path.join(self.directory, "slapd.conf")
+        config = self.configPath
         includes = "".join(
             f"include {SCHEMA_DIRECTORY}/{name}.schema\n"
             for name in ("core", "cosine", "inetorgperson")
@@ -249,75 +237,35 @@ class Slapd:
         )
         if result.returncode != 0:
             raise RuntimeError(f"slapadd failed:\n{result.stdout}{result.stderr}")
-        return config
 
     def start(self, attempts: int = 3) -> None:
         """
         Configure, load the users, and start slapd on free ports; return
         once both ports accept connections.
         """
-        config = self._configure()
-        for _attempt in range(attempts):
-            self.ldapPort, self.ldapsPort = freePorts(2)
-            urls = (
-                f"ldap://{HOST}:{self.ldapPort}/ ldaps://{HOST}:{self.ldapsPort}/"
-                f" ldaps://{OTHER_HOST}:{self.ldapsPort}/"
-            )
-            log = open(self.logPath, "ab")
-            try:
-                self._process = subprocess.Popen(
-                    [SLAPD, "-f", config, "-h", urls, "-d", "0"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_dieWithParent,
-                )
-            finally:
-                log.close()
-            if self._waitUntilListening():
-                return
-            self.stop()
-        raise RuntimeError(f"slapd did not start:\n{self.log()}")
+        self._configure()
+        self._choosePorts()
+        super().start(attempts)
 
-    def _waitUntilListening(self, timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        assert self._process is not None
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                return False
-            if all(self._accepts(port) for port in (self.ldapPort, self.ldapsPort)):
-                return True
-            time.sleep(0.05)
-        return False
+    def _portWasTaken(self, log: str) -> bool:
+        # With -d 0 slapd says nothing of why it could not listen.
+        return True
 
-    @staticmethod
-    def _accepts(port: int) -> bool:
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return True
-        except OSError:
-            return False
+    def _choosePorts(self) -> None:
+        self.ldapPort, self.ldapsPort = freePorts(2)
 
-    def stop(self) -> None:
-        """
-        Stop slapd (SIGTERM, then SIGKILL after 10 seconds).
-        """
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    def _listeningPorts(self) -> tuple[int, ...]:
+        return (self.ldapPort, self.ldapsPort)
 
-    def remove(self) -> None:
-        """
-        Stop slapd and remove its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def _command(self) -> list[str]:
+        urls = (
+            f"ldap://{HOST}:{self.ldapPort}/ ldaps://{HOST}:{self.ldapsPort}/"
+            f" ldaps://{OTHER_HOST}:{self.ldapsPort}/"
+        )
+        return [SLAPD, "-f", self.configPath, "-h", urls, "-d", "0"]
+
+    def _popenArguments(self) -> dict[str, Any]:
+        return {"preexec_fn": _dieWithParent}
 
     def url(self, tls: str = "ldaps", host: str = HOST) -> str:
         """

@@ -5,18 +5,15 @@ Tests for L{smtpauth_relay.checkers} and the C{htpasswd} strcred plugin.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.strcred import ICheckerFactory, findCheckerFactory, makeChecker
+from twisted.cred.strcred import findCheckerFactory, makeChecker
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs, formatEvent
-from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
@@ -36,6 +33,11 @@ from smtpauth_relay.passwords import (
 )
 from smtpauth_relay.sasl import CramMD5, ScramCredentials, ScramSHA256
 from smtpauth_relay.testing import MemoryChecker
+from tests.plugin_support import (
+    assertCheckerFactory,
+    checkerMadeAlone,
+    pluginImports,
+)
 
 ALICE_PASSWORD = b"alice's secret"
 BOB_PASSWORD = b"bob's secret"
@@ -790,13 +792,10 @@ class HtpasswdPluginTests(SynchronousTestCase):
         strcred finds the plugin by its name, and it provides
         L{ICheckerFactory} and L{IPlugin}.
         """
-        factory = findCheckerFactory("htpasswd")
-        self.assertTrue(verifyObject(ICheckerFactory, factory))
-        self.assertTrue(verifyObject(IPlugin, factory))
-        self.assertEqual(factory.authType, "htpasswd")
-        self.assertIn("bcrypt", factory.authHelp)
-        self.assertEqual(
-            [i.__name__ for i in factory.credentialInterfaces],
+        factory = assertCheckerFactory(
+            self,
+            "htpasswd",
+            "bcrypt",
             ["IUsernamePassword", "IScramCredentials", "ICramMD5Credentials"],
         )
         self.assertEqual(
@@ -840,41 +839,22 @@ class HtpasswdPluginTests(SynchronousTestCase):
         Importing the plugin file (as every twistd run does) imports neither
         the checker nor the hashing libraries.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "import twisted.plugins.smtpauth_relay_htpasswd as p\n"
-            "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-            "heavy = ['smtpauth_relay.checkers', 'smtpauth_relay.passwords',"
-            " 'bcrypt', 'argon2', 'twisted.internet.reactor']\n"
-            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        imported = pluginImports(
+            "smtpauth_relay_htpasswd",
+            [
+                "smtpauth_relay.checkers",
+                "smtpauth_relay.passwords",
+                "bcrypt",
+                "argon2",
+                "twisted.internet.reactor",
+            ],
         )
-        output = subprocess.run(
-            [sys.executable, "-c", code, root],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "[]")
+        self.assertEqual(imported, [])
 
     def test_noReactorInstalled(self) -> None:
         """
         Making a checker (as C{check-config} does) does not import the global
         reactor, which would install one behind twistd's back.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "from twisted.cred.strcred import makeChecker\n"
-            "checker = makeChecker('htpasswd:' + sys.argv[1])\n"
-            "print(type(checker).__name__, 'twisted.internet.reactor' in sys.modules)\n"
-        )
-        output = subprocess.run(
-            [sys.executable, "-c", code, os.path.abspath(self.path)],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "HtpasswdChecker False")
+        output = checkerMadeAlone("htpasswd:" + os.path.abspath(self.path))
+        self.assertEqual(output, "HtpasswdChecker False")

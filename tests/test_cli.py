@@ -77,8 +77,17 @@ class MainTests(SynchronousTestCase):
         """
         self.assertEqual(
             sorted(cli.COMMANDS),
-            ["audit", "check-config", "demo", "lockout", "passwd", "queue"],
+            ["audit", "check-config", "demo", "lockout", "oauth2", "passwd", "queue"],
         )
+
+    def test_oauth2Dispatched(self) -> None:
+        """
+        C{oauth2} reaches the OAuth2 command: without arguments it prints its
+        own usage and exits 2.
+        """
+        status, out, err = run("oauth2")
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("authorize --config", err)
 
 
 class CheckConfigDispatchTests(SynchronousTestCase):

@@ -1948,3 +1948,285 @@ class LoggingConfigTests(ConfigTestCase):
                 '"json"; did you mean "json"?'
             ],
         )
+
+
+SMARTHOST_OAUTH = (
+    '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\nauth = "xoauth2"\n'
+)
+
+
+def completeOAuth(text: str) -> str:
+    """
+    L{complete}, with an C{[auth]} section even though C{text} has an
+    C{auth =} key (which L{complete} takes for the section).
+    """
+    completed = complete(text)
+    if "[auth]" in completed:
+        return completed
+    return completed + "\n" + BASE_SECTIONS["auth"]
+
+
+class DeliveryOAuth2Tests(ConfigTestCase):
+    """
+    C{[delivery] auth}, C{[delivery.oauth2]}, C{rewrite_sender} and
+    C{rewrite_from}, and the presets in C{etc/examples/}.
+    """
+
+    def secretFile(self) -> str:
+        path = os.path.join(self.makeDirectory(), "secret")
+        with open(path, "w") as f:
+            f.write("s3cret\n")
+        return path
+
+    def test_defaults(self) -> None:
+        """
+        Without the new keys the smarthost logs in with a password (or not
+        at all) and nothing is rewritten.
+        """
+        config = parseConfig(completeOAuth(""), "relay.toml")
+        self.assertEqual(config.delivery.auth, "password")
+        self.assertIsNone(config.delivery.oauth2)
+        self.assertEqual(config.delivery.rewrite_sender, "")
+        self.assertFalse(config.delivery.rewrite_from)
+
+    def test_clientCredentials(self) -> None:
+        """
+        A client-credentials table loads; the scope defaults by endpoint.
+        """
+        secret = self.secretFile()
+        config = parseConfig(
+            completeOAuth(
+                SMARTHOST_OAUTH + "\n[delivery.oauth2]\n"
+                'token_endpoint = "https://login.microsoftonline.com/t/oauth2/v2.0/token"\n'
+                f'client_id = "app"\nclient_secret_file = "{secret}"\n'
+                'username = "relay@example.org"\n'
+            ),
+            "relay.toml",
+        )
+        oauth2 = config.delivery.oauth2
+        assert oauth2 is not None
+        self.assertEqual(config.delivery.auth, "xoauth2")
+        self.assertEqual(oauth2.client_secret_file, secret)
+        self.assertEqual(oauth2.scope, "https://outlook.office365.com/.default")
+        self.assertEqual(oauth2.settings().username, "relay@example.org")
+
+    def test_delegated(self) -> None:
+        """
+        With a refresh token file (which need not exist yet) the delegated
+        scope is the default; the file's directory must exist.
+        """
+        directory = self.makeDirectory()
+        base = (
+            'auth = "oauthbearer"\n\n[delivery.oauth2]\n'
+            'token_endpoint = "https://login.microsoftonline.com/t/oauth2/v2.0/token"\n'
+            'client_id = "app"\nusername = "relay@example.org"\n'
+        )
+        text = completeOAuth(
+            '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+            + base
+            + f'refresh_token_file = "{directory}/refresh"\n'
+        )
+        oauth2 = parseConfig(text, "relay.toml").delivery.oauth2
+        assert oauth2 is not None
+        self.assertEqual(
+            oauth2.scope, "https://outlook.office.com/SMTP.Send offline_access"
+        )
+        self.assertEqual(
+            self.problemsOf(
+                completeOAuth(
+                    '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                    + base
+                    + f'refresh_token_file = "{directory}/missing/refresh"\n'
+                )
+            ),
+            [
+                "relay.toml:10: [delivery.oauth2] refresh_token_file: the directory "
+                f'of "{directory}/missing/refresh" does not exist'
+            ],
+        )
+
+    def test_problems(self) -> None:
+        """
+        Each problem names its key and line: a plain-http endpoint, a
+        missing key, an unknown key, password keys beside a token login,
+        and TLS off.
+        """
+        secret = self.secretFile()
+        problems = self.problemsOf(
+            completeOAuth(
+                '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                'auth = "xoauth2"\nusername = "relay"\ntls = "none"\n'
+                "\n[delivery.oauth2]\n"
+                'token_endpoint = "http://login.example.org/token"\n'
+                f'client_secret_file = "{secret}"\nusername = "relay@example.org"\n'
+                'client_secrett = "x"\n'
+            )
+        )
+        self.assertEqual(
+            problems,
+            [
+                'relay.toml:5: [delivery] username: not used with auth = "xoauth2" '
+                "(the mailbox is [delivery.oauth2] username)",
+                'relay.toml:6: [delivery] tls: "none" would send the OAuth2 token '
+                'unencrypted; use "starttls" or "implicit"',
+                'relay.toml:9: [delivery.oauth2] token_endpoint: "http://login.'
+                'example.org/token" is not https (plain http only to 127.0.0.1 or '
+                "::1, for tests)",
+                "relay.toml:12: [delivery.oauth2] client_secrett: unknown key; did "
+                'you mean "client_secret_file"?',
+                "relay.toml: [delivery.oauth2] client_id: required key is missing",
+            ],
+        )
+
+    def test_clientAuthentication(self) -> None:
+        """
+        The client-credentials grant needs a secret or a certificate and
+        key, not both; the key must be RSA and match the certificate.
+        """
+        head = (
+            SMARTHOST_OAUTH + "\n[delivery.oauth2]\n"
+            'token_endpoint = "https://127.0.0.1/token"\nclient_id = "a"\n'
+            'username = "u@example.org"\n'
+        )
+        self.assertEqual(
+            self.problemsOf(completeOAuth(head)),
+            [
+                "relay.toml: [delivery.oauth2] client_secret_file: the "
+                "client-credentials grant (no refresh_token_file) needs "
+                "client_secret_file, or certificate and private_key"
+            ],
+        )
+        directory = self.makeDirectory()
+        certificate, key = writeCertificate(directory)
+        problems = self.problemsOf(
+            completeOAuth(
+                head + f'certificate = "{certificate}"\nprivate_key = "{key}"\n'
+            )
+        )
+        self.assertEqual(len(problems), 1)
+        self.assertIn("is not an RSA key", problems[0])
+        secret = self.secretFile()
+        problems = self.problemsOf(
+            completeOAuth(
+                head
+                + f'client_secret_file = "{secret}"\ncertificate = "{certificate}"\n'
+            )
+        )
+        self.assertIn("not both", problems[0])
+
+    def test_tableNeeded(self) -> None:
+        """
+        A token login needs the table, and the table needs a token login.
+        """
+        self.assertEqual(
+            self.problemsOf(completeOAuth(SMARTHOST_OAUTH)),
+            [
+                'relay.toml: [delivery] oauth2: auth = "xoauth2" needs a '
+                "[delivery.oauth2] table"
+            ],
+        )
+        self.assertEqual(
+            self.problemsOf(
+                completeOAuth(
+                    '[delivery]\ndirectory = "/srv/mail"\n\n[delivery.oauth2]\n'
+                    'client_id = "x"\n'
+                )
+            ),
+            [
+                "relay.toml:4: [delivery] oauth2: [delivery.oauth2] is only used "
+                'with auth = "xoauth2" or "oauthbearer"'
+            ],
+        )
+
+    def test_rewrite(self) -> None:
+        """
+        C{rewrite_sender} must be an address and is for smarthost mode.
+        """
+        config = parseConfig(
+            completeOAuth(
+                '[delivery]\nmode = "smarthost"\nhost = "smtp.example.net"\n'
+                'rewrite_sender = "box@example.org"\nrewrite_from = true\n'
+            ),
+            "relay.toml",
+        )
+        self.assertEqual(config.delivery.rewrite_sender, "box@example.org")
+        self.assertTrue(config.delivery.rewrite_from)
+        problems = self.problemsOf(
+            completeOAuth('[delivery]\nmode = "mx"\nrewrite_sender = "nobody"\n')
+        )
+        self.assertEqual(len(problems), 1)
+        self.assertIn(
+            '[delivery] rewrite_sender: "nobody" is not an address', problems[0]
+        )
+        self.assertEqual(
+            self.problemsOf(
+                completeOAuth(
+                    '[delivery]\nmode = "mx"\nrewrite_sender = "a@example.org"\n'
+                )
+            ),
+            [
+                "relay.toml:3: [delivery] rewrite_sender: only used with mode = "
+                '"smarthost"'
+            ],
+        )
+
+    def presetDirectory(self, name: str) -> str:
+        """
+        A copy of C{etc/examples/NAME} beside placeholder files for every
+        file it names.
+        """
+        from tests.tokenendpoint import makeAssertionCertificate
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        source = os.path.join(here, os.pardir, "etc", "examples", name)
+        directory = self.makeDirectory()
+        with open(source, encoding="utf-8") as f:
+            text = f.read().replace("/etc/smtpauth-relay/", directory + "/")
+        self.assertNotIn("/etc/", text.replace("# ", "#").split("#")[0])
+        for sub in ("tls", "oauth2"):
+            os.mkdir(os.path.join(directory, sub))
+        certificate, key = writeCertificate(os.path.join(directory, "tls"))
+        os.rename(certificate, os.path.join(directory, "tls", "fullchain.pem"))
+        os.rename(key, os.path.join(directory, "tls", "privkey.pem"))
+        makeAssertionCertificate(os.path.join(directory, "oauth2"))
+        for placeholder in ("users", "oauth2/client-secret"):
+            with open(os.path.join(directory, placeholder), "w") as f:
+                f.write("placeholder\n")
+        self.writeConfig(directory, text)
+        return os.path.join(directory, "relay.toml")
+
+    def test_microsoft365Preset(self) -> None:
+        """
+        etc/examples/microsoft365.toml loads: smtp.office365.com:587 with
+        STARTTLS, XOAUTH2, app-only with a certificate, the app-only scope,
+        and sender rewriting.
+        """
+        config = loadConfig(self.presetDirectory("microsoft365.toml"))
+        delivery = config.delivery
+        oauth2 = delivery.oauth2
+        assert oauth2 is not None
+        self.assertEqual(
+            (delivery.host, delivery.port, delivery.tls, delivery.auth),
+            ("smtp.office365.com", 587, "starttls", "xoauth2"),
+        )
+        self.assertEqual(oauth2.scope, "https://outlook.office365.com/.default")
+        self.assertIsNotNone(oauth2.certificate)
+        self.assertIsNone(oauth2.refresh_token_file)
+        self.assertEqual(delivery.rewrite_sender, oauth2.username)
+
+    def test_googlePreset(self) -> None:
+        """
+        etc/examples/google.toml loads: smtp.gmail.com:587 with STARTTLS,
+        XOAUTH2, a refresh token and Gmail's scope.
+        """
+        config = loadConfig(self.presetDirectory("google.toml"))
+        delivery = config.delivery
+        oauth2 = delivery.oauth2
+        assert oauth2 is not None
+        self.assertEqual(
+            (delivery.host, delivery.port, delivery.tls, delivery.auth),
+            ("smtp.gmail.com", 587, "starttls", "xoauth2"),
+        )
+        self.assertEqual(oauth2.token_endpoint, "https://oauth2.googleapis.com/token")
+        self.assertEqual(oauth2.scope, "https://mail.google.com/")
+        self.assertIsNotNone(oauth2.refresh_token_file)

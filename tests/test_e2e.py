@@ -11,11 +11,8 @@ test never touch another.
 
 from __future__ import annotations
 
-import base64
-import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import smtplib
@@ -26,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest
 
 from tests.e2e_support import (
     CLIENT_NAME,
@@ -35,13 +32,19 @@ from tests.e2e_support import (
     IO_TIMEOUT,
     OTHER_USER,
     PASSWORD,
+    QUEUED,
     STOP_TIMEOUT,
     USER,
     ConnectionClosed,
     RawSMTP,
     RelayProcess,
+    SharedRelayTestCase,
     SMTPReply,
+    b64,
     clientContext,
+    closeQuietly,
+    loopbackAddresses,
+    plainResponse,
     poll,
 )
 
@@ -49,86 +52,14 @@ SWAKS = "/usr/bin/swaks"
 MAX_MESSAGE_SIZE = 20000
 MAX_RECIPIENTS = 3
 
-_sources = itertools.count(2)
+nextSourceAddress = loopbackAddresses(77)
 
 
-def nextSourceAddress() -> str:
+class SharedRelay(SharedRelayTestCase):
     """
-    A loopback address no other connection of this run has used.
+    Base for the test classes here: one relay shared by the tests of a
+    class (see L{SharedRelayTestCase}), and helpers.
     """
-    n = next(_sources)
-    return f"127.77.{n // 250}.{n % 250 + 1}"
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
-
-
-def plainResponse(user: str, password: str, authzid: str = "") -> str:
-    return b64(f"{authzid}\0{user}\0{password}")
-
-
-def closeQuietly(client: smtplib.SMTP) -> None:
-    try:
-        client.close()
-    except OSError:
-        pass
-
-
-_QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-Za-z]+)\Z")
-
-
-class SharedRelay(SynchronousTestCase):
-    """
-    Base for test classes that share one relay: started by the first test
-    of the class, stopped after the last (and at exit, whatever happens).
-
-    @cvar relayServer: extra C{[server]} keys of the relay.
-    @cvar relayTLS: extra C{[tls]} keys of the relay.
-    """
-
-    relayServer: dict[str, object] = {}
-    relayTLS: dict[str, object] = {}
-    _sharedRelay: RelayProcess | None = None
-    _startError: BaseException | None = None
-    _remaining: set[str] = set()
-
-    relay: RelayProcess
-
-    def setUp(self) -> None:
-        cls = type(self)
-        if cls.__dict__.get("_startError") is not None:
-            raise AssertionError(f"the relay did not start: {cls._startError}")
-        if cls.__dict__.get("_sharedRelay") is None:
-            relay = RelayProcess(server=dict(cls.relayServer), tls=dict(cls.relayTLS))
-            try:
-                relay.start()
-            except BaseException as e:
-                cls._startError = e
-                relay.remove()
-                raise
-            cls._sharedRelay = relay
-            cls._remaining = {n for n in dir(cls) if n.startswith("test_")}
-        relay = cls._sharedRelay
-        assert relay is not None
-        self.relay = relay
-        self.addCleanup(self._finished)
-
-    def _finished(self) -> None:
-        cls = type(self)
-        cls._remaining.discard(self._testMethodName)
-        relay = cls.__dict__.get("_sharedRelay")
-        if relay is not None and relay.process is not None:
-            if relay.process.poll() is not None:
-                raise AssertionError(
-                    f"the relay died with status {relay.process.returncode}:\n"
-                    + relay.log()
-                )
-        if not cls._remaining and relay is not None:
-            cls._sharedRelay = None
-            relay.remove()
 
     # -- helpers ------------------------------------------------------------
 
@@ -252,7 +183,7 @@ class SharedRelay(SynchronousTestCase):
         """
         self.assertReply(reply, 250, "2.0.0")
         text = reply.text if isinstance(reply, SMTPReply) else reply[1].decode()
-        match = _QUEUED.match(text)
+        match = QUEUED.match(text)
         if match is None:
             self.fail(f"not a 'queued as' reply: {text!r}")
         return match.group(1)

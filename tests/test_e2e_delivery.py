@@ -13,9 +13,7 @@ deadlines, never with fixed sleeps.
 from __future__ import annotations
 
 import email.message
-import itertools
 import os
-import re
 import smtplib
 import subprocess
 import sys
@@ -35,10 +33,13 @@ from tests.e2e_support import (
     HOSTNAME,
     IO_TIMEOUT,
     PASSWORD,
+    QUEUED,
     REPO_ROOT,
     USER,
     RelayProcess,
     clientContext,
+    closeQuietly,
+    loopbackAddresses,
     poll,
 )
 
@@ -74,26 +75,7 @@ DELIVERY = {"connect_timeout": 5, "timeout": 30}
 WAIT = 20.0
 """Seconds to wait for something that should take one or two retries."""
 
-_sources = itertools.count(2)
-
-
-def nextSourceAddress() -> str:
-    """
-    A loopback address no other connection of this module has used (the
-    relay's per-address limits never see two tests as one client).
-    """
-    n = next(_sources)
-    return f"127.78.{n // 250}.{n % 250 + 1}"
-
-
-def closeQuietly(client: smtplib.SMTP) -> None:
-    try:
-        client.close()
-    except OSError:
-        pass
-
-
-_QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-Za-z]+)\Z")
+nextSourceAddress = loopbackAddresses(78)
 
 
 def splitReceived(content: bytes) -> tuple[bytes, bytes]:
@@ -247,7 +229,7 @@ class DeliveryHarness(SynchronousTestCase):
             code, text = client.rcpt(recipient)
             self.assertEqual(code, 250, text)
         code, reply = client.data(message)
-        match = _QUEUED.match(reply.decode())
+        match = QUEUED.match(reply.decode())
         self.assertEqual(code, 250, reply)
         assert match is not None, reply
         return match.group(1)

@@ -12,7 +12,6 @@ closed without a word, whatever they send.
 
 from __future__ import annotations
 
-import itertools
 import os
 import smtplib
 import uuid
@@ -32,6 +31,8 @@ from tests.e2e_support import (
     RawSMTP,
     RelayProcess,
     clientContext,
+    closeQuietly,
+    loopbackAddresses,
     poll,
 )
 
@@ -44,23 +45,9 @@ if not os.access(HAPROXY, os.X_OK):
 
 LOG_TIMEOUT = 10.0
 
-_sources = itertools.count(77)
-
-
-def nextSourceAddress() -> str:
-    """
-    A loopback address (127.0.0.77 on) no other connection of this module
-    has used; never 127.0.0.1, the trusted proxy's.
-    """
-    n = next(_sources)
-    return f"127.0.{n // 250}.{n % 250}"
-
-
-def closeQuietly(client: smtplib.SMTP) -> None:
-    try:
-        client.close()
-    except OSError:
-        pass
+nextSourceAddress = loopbackAddresses(0, start=76)
+"""Loopback addresses from 127.0.0.77 on: never 127.0.0.1, the trusted
+proxy's."""
 
 
 class ThroughHAProxy(SynchronousTestCase):

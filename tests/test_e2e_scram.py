@@ -14,7 +14,6 @@ another.
 from __future__ import annotations
 
 import base64
-import itertools
 import os
 import re
 import smtplib
@@ -23,7 +22,7 @@ import sys
 import time
 
 from scramp import ScramClient
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest
 
 from smtpauth_relay.htpasswd import setUser
 from smtpauth_relay.passwords import CRAM_MD5, SCRAM_SHA_256, hashPassword
@@ -37,7 +36,10 @@ from tests.e2e_support import (
     REPO_ROOT,
     USER,
     RelayProcess,
+    SharedRelayTestCase,
+    b64,
     clientContext,
+    loopbackAddresses,
     poll,
 )
 
@@ -45,19 +47,7 @@ SWAKS = "/usr/bin/swaks"
 MECHANISMS = ["PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5"]
 ITERATIONS = 4096
 
-_sources = itertools.count(2)
-
-
-def nextSourceAddress() -> str:
-    """
-    A loopback address no other connection of this module has used.
-    """
-    n = next(_sources)
-    return f"127.79.{n // 250}.{n % 250 + 1}"
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+nextSourceAddress = loopbackAddresses(79)
 
 
 def unb64(data: bytes) -> str:
@@ -80,45 +70,20 @@ class MechanismRelay(RelayProcess):
             f.write(text)
 
 
-class ScramCramEndToEndTests(SynchronousTestCase):
+class ScramCramEndToEndTests(SharedRelayTestCase):
     """
     SCRAM-SHA-256 and CRAM-MD5 against the real relay.
     """
 
-    _relay: MechanismRelay | None = None
-    _remaining: set[str] = set()
-
-    relay: MechanismRelay
-
-    def setUp(self) -> None:
-        cls = type(self)
-        if cls._relay is None:
-            relay = MechanismRelay(
-                lockout={"max_failures": 3, "tarpit": 0.2, "session_max_failures": 10}
-            )
-            try:
-                relay.start()
-            except BaseException:
-                relay.remove()
-                raise
-            cls._relay = relay
-            cls._remaining = {n for n in dir(cls) if n.startswith("test_")}
-        self.relay = cls._relay
-        self.addCleanup(self._finished)
-
-    def _finished(self) -> None:
-        cls = type(self)
-        cls._remaining.discard(self._testMethodName)
-        relay = cls._relay
-        if relay is not None and relay.process is not None:
-            if relay.process.poll() is not None:
-                raise AssertionError(
-                    f"the relay died with status {relay.process.returncode}:\n"
-                    + relay.log()
-                )
-        if not cls._remaining and relay is not None:
-            cls._relay = None
-            relay.remove()
+    @classmethod
+    def makeRelay(cls) -> MechanismRelay:
+        """
+        A relay offering all four mechanisms, locking a user out after
+        three failures.
+        """
+        return MechanismRelay(
+            lockout={"max_failures": 3, "tarpit": 0.2, "session_max_failures": 10}
+        )
 
     # -- helpers ------------------------------------------------------------
 

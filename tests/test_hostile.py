@@ -25,7 +25,6 @@ What each attack got is recorded in C{docs/security.rst}.
 
 from __future__ import annotations
 
-import base64
 import configparser
 import itertools
 import os
@@ -68,8 +67,12 @@ from tests.e2e_support import (
     ConnectionClosed,
     RawSMTP,
     RelayProcess,
+    SharedRelayTestCase,
     SMTPReply,
+    b64,
     clientContext,
+    loopbackAddresses,
+    plainResponse,
     poll,
     tlsClientHello,
 )
@@ -99,17 +102,8 @@ RELAY_SERVER: dict[str, object] = {
     "max_connections_per_ip": IDLE_PER_ADDRESS + 5,
 }
 
-_sources = itertools.count(1)
+nextSourceAddress = loopbackAddresses(5, start=1)
 _subnets = itertools.count(1)
-
-
-def nextSourceAddress() -> str:
-    """
-    A loopback address (in 127.5.0.0/16) no other connection of this run
-    has used.
-    """
-    n = next(_sources)
-    return f"127.5.{n // 250}.{n % 250 + 1}"
 
 
 def nextSubnets() -> tuple[str, str]:
@@ -119,16 +113,6 @@ def nextSubnets() -> tuple[str, str]:
     """
     n = next(_subnets)
     return f"127.1.{n}", f"127.2.{n}"
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
-
-
-def plainResponse(user: str, password: str) -> str:
-    return b64(f"\0{user}\0{password}")
 
 
 def fail2banPattern() -> re.Pattern[str]:
@@ -243,57 +227,27 @@ HTTP_REQUESTS = [
 ]
 
 
-class HostileInputTests(SynchronousTestCase):
+class HostileInputTests(SharedRelayTestCase):
     """
     Attacks on one running relay over real sockets.  The relay is started
     by the first test and stopped after the last (and at exit, whatever
     happens).
     """
 
-    _sharedRelay: ClassVar[RelayProcess | None] = None
-    _startError: ClassVar[BaseException | None] = None
-    _remaining: ClassVar[set[str]] = set()
     fileLimit: ClassVar[int] = 0
 
-    relay: RelayProcess
-
-    def setUp(self) -> None:
-        cls = type(self)
-        if cls._startError is not None:
-            raise AssertionError(f"the relay did not start: {cls._startError}")
-        if cls._sharedRelay is None:
-            cls.fileLimit = raiseFileLimit(FILE_LIMIT_WANTED)
-            relay = RelayProcess(
-                server=dict(RELAY_SERVER),
-                lockout=dict(LOCKOUT),
-                senderLoginMap=SENDER_LOGIN_MAP,
-            )
-            try:
-                relay.start()
-            except BaseException as e:
-                cls._startError = e
-                relay.remove()
-                raise
-            cls._sharedRelay = relay
-            cls._remaining = {n for n in dir(cls) if n.startswith("test_")}
-        relay = cls._sharedRelay
-        assert relay is not None
-        self.relay = relay
-        self.addCleanup(self._finished)
-
-    def _finished(self) -> None:
-        cls = type(self)
-        cls._remaining.discard(self._testMethodName)
-        relay = cls._sharedRelay
-        if relay is not None and relay.process is not None:
-            if relay.process.poll() is not None:
-                raise AssertionError(
-                    f"the relay died with status {relay.process.returncode}:\n"
-                    + relay.log()
-                )
-        if not cls._remaining and relay is not None:
-            cls._sharedRelay = None
-            relay.remove()
+    @classmethod
+    def makeRelay(cls) -> RelayProcess:
+        """
+        The relay under attack; first raise the file limit (see
+        L{fileLimit}) for the 1,000 idle connections.
+        """
+        cls.fileLimit = raiseFileLimit(FILE_LIMIT_WANTED)
+        return RelayProcess(
+            server=dict(RELAY_SERVER),
+            lockout=dict(LOCKOUT),
+            senderLoginMap=SENDER_LOGIN_MAP,
+        )
 
     # -- helpers ------------------------------------------------------------
 

@@ -9,15 +9,13 @@ L{TLSStringTransport}); the checker against a real Dovecot
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.strcred import ICheckerFactory, findCheckerFactory, makeChecker
+from twisted.cred.strcred import findCheckerFactory, makeChecker
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
@@ -29,7 +27,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.mail.imap4 import IMAP4Exception
-from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -55,6 +52,11 @@ from smtpauth_relay.imapchecker import (
 from smtpauth_relay.testing import CheckerContractMixin, TLSStringTransport
 from tests.dovecot_support import SERVER_NAME, SharedDovecotMixin, skipReason
 from tests.e2e_support import HOST, freePorts
+from tests.plugin_support import (
+    assertCheckerFactory,
+    checkerMadeAlone,
+    pluginImports,
+)
 from tests.upstream_support import CertificateAuthority
 
 ALICE = ("alice", "wonderland")
@@ -1144,14 +1146,7 @@ class IMAPPluginTests(SynchronousTestCase):
         strcred finds the plugin by its name, and it provides
         L{ICheckerFactory} and L{IPlugin}.
         """
-        factory = findCheckerFactory("imap")
-        self.assertTrue(verifyObject(ICheckerFactory, factory))
-        self.assertTrue(verifyObject(IPlugin, factory))
-        self.assertEqual(factory.authType, "imap")
-        self.assertIn("imaps://", factory.authHelp)
-        self.assertEqual(
-            [i.__name__ for i in factory.credentialInterfaces], ["IUsernamePassword"]
-        )
+        assertCheckerFactory(self, "imap", "imaps://", ["IUsernamePassword"])
 
     def test_generateChecker(self) -> None:
         """
@@ -1182,44 +1177,24 @@ class IMAPPluginTests(SynchronousTestCase):
         Importing the plugin file (as every twistd run does) imports neither
         the checker, twisted.mail.imap4, TLS, nor the reactor.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "import twisted.plugins.smtpauth_relay_imap as p\n"
-            "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-            "heavy = ['smtpauth_relay.imapchecker', 'twisted.mail.imap4',"
-            " 'OpenSSL', 'twisted.internet.reactor']\n"
-            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        imported = pluginImports(
+            "smtpauth_relay_imap",
+            [
+                "smtpauth_relay.imapchecker",
+                "twisted.mail.imap4",
+                "OpenSSL",
+                "twisted.internet.reactor",
+            ],
         )
-        output = subprocess.run(
-            [sys.executable, "-c", code, root],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "[]")
+        self.assertEqual(imported, [])
 
     def test_noReactorInstalled(self) -> None:
         """
         Making a checker (as C{check-config} does) does not import the
         global reactor.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "from twisted.cred.strcred import makeChecker\n"
-            "checker = makeChecker('imap:imaps://mail.example.org?cache=60')\n"
-            "print(type(checker).__name__, 'twisted.internet.reactor' in sys.modules)\n"
-        )
-        output = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "IMAPChecker False")
+        output = checkerMadeAlone("imap:imaps://mail.example.org?cache=60")
+        self.assertEqual(output, "IMAPChecker False")
 
 
 class IMAPSContractTests(SharedDovecotMixin, CheckerContractMixin, TestCase):

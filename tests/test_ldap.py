@@ -9,8 +9,6 @@ skipped when slapd is not installed.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +16,9 @@ from ldaptor.protocols import pureber, pureldap
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.strcred import ICheckerFactory, findCheckerFactory, makeChecker
+from twisted.cred.strcred import findCheckerFactory, makeChecker
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
-from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -39,6 +36,11 @@ from smtpauth_relay.ldapchecker import (
 )
 from smtpauth_relay.testing import CheckerContractMixin
 from tests.e2e_support import HOST, freePorts
+from tests.plugin_support import (
+    assertCheckerFactory,
+    checkerMadeAlone,
+    pluginImports,
+)
 from tests.slapd_support import (
     AD_USERS,
     ADMIN_ALICE_PASSWORD,
@@ -457,14 +459,7 @@ class LDAPPluginTests(SynchronousTestCase):
         strcred finds the plugin by its name, and it provides
         L{ICheckerFactory} and L{IPlugin}.
         """
-        factory = findCheckerFactory("ldap")
-        self.assertTrue(verifyObject(ICheckerFactory, factory))
-        self.assertTrue(verifyObject(IPlugin, factory))
-        self.assertEqual(factory.authType, "ldap")
-        self.assertIn("starttls", factory.authHelp)
-        self.assertEqual(
-            [i.__name__ for i in factory.credentialInterfaces], ["IUsernamePassword"]
-        )
+        assertCheckerFactory(self, "ldap", "starttls", ["IUsernamePassword"])
 
     def test_generateChecker(self) -> None:
         """
@@ -500,49 +495,21 @@ class LDAPPluginTests(SynchronousTestCase):
         Importing the plugin file (as every twistd run does) imports neither
         the checker nor ldaptor nor the reactor.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "import twisted.plugins.smtpauth_relay_ldap as p\n"
-            "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-            "heavy = ['smtpauth_relay.ldapchecker', 'ldaptor',"
-            " 'twisted.internet.reactor']\n"
-            "print(sorted(m for m in heavy if m in sys.modules))\n"
+        imported = pluginImports(
+            "smtpauth_relay_ldap",
+            ["smtpauth_relay.ldapchecker", "ldaptor", "twisted.internet.reactor"],
         )
-        output = subprocess.run(
-            [sys.executable, "-c", code, root],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "[]")
+        self.assertEqual(imported, [])
 
     def test_noReactorInstalled(self) -> None:
         """
         Making a checker (as C{check-config} does) does not import the global
         reactor, which would install one behind twistd's back.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "from twisted.cred.strcred import makeChecker\n"
-            "checker = makeChecker(sys.argv[1])\n"
-            "print(type(checker).__name__, 'twisted.internet.reactor' in sys.modules)\n"
+        output = checkerMadeAlone(
+            "ldap:ldaps://ldap.example.org/?base=o=x&filter=(uid=%s)"
         )
-        output = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                code,
-                "ldap:ldaps://ldap.example.org/?base=o=x&filter=(uid=%s)",
-            ],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.strip(), "LDAPChecker False")
+        self.assertEqual(output, "LDAPChecker False")
 
 
 # -- the checker in memory ----------------------------------------------------

@@ -72,6 +72,7 @@ EXPECTED_REJECTION_REASONS = {
     "TOO_MANY_ERRORS": "session_limit",
     "TLS_NOT_AVAILABLE": OTHER,
     "TLS_ALREADY": OTHER,
+    "TLS_TOO_OLD": "session_limit",
     "AUTH_FAILED": OTHER,
     "AUTH_BAD_BASE64": OTHER,
     "AUTH_ABORTED": OTHER,

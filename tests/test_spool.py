@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smtpauth_relay import durable
 from smtpauth_relay import spool as spoolModule
 from smtpauth_relay.envelope import Attempt, Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
@@ -203,7 +204,9 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         queued = os.path.realpath(os.path.join(self.directory, "queued"))
         tmp = os.path.realpath(os.path.join(self.directory, "tmp"))
         self.assertEqual(synced[0], os.path.join(tmp, queueId + ".msg"))
-        self.assertTrue(synced[1].startswith(os.path.join(tmp, queueId + ".env.")))
+        self.assertTrue(
+            synced[1].startswith(os.path.join(tmp, "." + queueId + ".env.")), synced
+        )
         self.assertEqual(synced[2], queued)
 
     def test_chunkedWrites(self) -> None:
@@ -286,6 +289,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         writer = self.spool.newMessage()
         writer.write(b"data\n")
         self.patch(spoolModule, "fsyncDirectory", failingFsync)
+        self.patch(durable, "fsyncDirectory", failingFsync)
         self.failureResultOf(writer.commit(envelopeFor(writer.queueId)), SpoolError)
         self.assertEqual(os.listdir(os.path.join(self.directory, "queued")), [])
 

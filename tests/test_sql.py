@@ -10,8 +10,6 @@ import functools
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -21,10 +19,9 @@ from argon2 import PasswordHasher
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.strcred import ICheckerFactory, findCheckerFactory, makeChecker
+from twisted.cred.strcred import findCheckerFactory, makeChecker
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger, formatEvent
-from twisted.plugin import IPlugin
 from twisted.python import threadable
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -42,6 +39,12 @@ from smtpauth_relay.sqlchecker import (
 from smtpauth_relay.testing import CheckerContractMixin
 from smtpauth_relay.threads import threadPoolRunner
 from tests import postgres_support
+from tests.e2e_support import freePorts
+from tests.plugin_support import (
+    assertCheckerFactory,
+    checkerMadeAlone,
+    pluginImports,
+)
 
 _T = TypeVar("_T")
 
@@ -647,7 +650,7 @@ class PostgresCheckerTests(PostgresMixin, CheckerBehaviourMixin, TestCase):
         """
         checker = SQLChecker(
             parseArgument(
-                f"postgresql://{DB_ROLE}@127.0.0.1:{postgres_support.freePort()}"
+                f"postgresql://{DB_ROLE}@127.0.0.1:{freePorts(1)[0]}"
                 f"/{self.dbname}?password_file={self.passwordFile}"
                 f"&query={DEFAULT_QUERY}"
             ),
@@ -792,7 +795,7 @@ class PostgresContractTests(PostgresMixin, CheckerContractMixin, TestCase):
         A port on which nothing listens.
         """
         return (
-            f"postgresql://{DB_ROLE}@127.0.0.1:{postgres_support.freePort()}"
+            f"postgresql://{DB_ROLE}@127.0.0.1:{freePorts(1)[0]}"
             f"/{self.dbname}?password_file={self.passwordFile}&query={DEFAULT_QUERY}"
         )
 
@@ -1149,14 +1152,7 @@ class SQLPluginTests(SynchronousTestCase):
         strcred finds the plugin by its name, and it provides
         L{ICheckerFactory} and L{IPlugin}.
         """
-        factory = findCheckerFactory("sql")
-        self.assertTrue(verifyObject(ICheckerFactory, factory))
-        self.assertTrue(verifyObject(IPlugin, factory))
-        self.assertEqual(factory.authType, "sql")
-        self.assertIn(":user", factory.authHelp)
-        self.assertEqual(
-            [i.__name__ for i in factory.credentialInterfaces], ["IUsernamePassword"]
-        )
+        assertCheckerFactory(self, "sql", ":user", ["IUsernamePassword"])
 
     def test_generateChecker(self) -> None:
         """
@@ -1193,24 +1189,19 @@ class SQLPluginTests(SynchronousTestCase):
         the checker, nor a database driver, nor the reactor; making a checker
         (as validating a configuration does) does not import the reactor.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            "import sys\n"
-            "import twisted.plugins.smtpauth_relay_sql as p\n"
-            "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
-            "heavy = ['smtpauth_relay.sqlchecker', 'smtpauth_relay.passwords',"
-            " 'sqlite3', 'psycopg', 'twisted.enterprise.adbapi', 'bcrypt', 'argon2',"
-            " 'twisted.internet.reactor']\n"
-            "print(sorted(m for m in heavy if m in sys.modules))\n"
-            "p.theSQLCheckerFactory.generateChecker(\n"
-            "    'sqlite:///' + sys.argv[2] + '?query=SELECT 1 WHERE :user')\n"
-            "print('twisted.internet.reactor' in sys.modules)\n"
+        imported = pluginImports(
+            "smtpauth_relay_sql",
+            [
+                "smtpauth_relay.sqlchecker",
+                "smtpauth_relay.passwords",
+                "sqlite3",
+                "psycopg",
+                "twisted.enterprise.adbapi",
+                "bcrypt",
+                "argon2",
+                "twisted.internet.reactor",
+            ],
         )
-        output = subprocess.run(
-            [sys.executable, "-c", code, root, self.db],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        self.assertEqual(output.split(), ["[]", "False"])
+        self.assertEqual(imported, [])
+        output = checkerMadeAlone(f"sql:sqlite:///{self.db}?query=SELECT 1 WHERE :user")
+        self.assertEqual(output, "SQLChecker False")

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from smtpauth_relay.tls import (
     VERSIONS,
+    LegacyCertificateOptions,
     generateSelfSigned,
     loadCertificates,
     serverContextFactory,
@@ -318,11 +319,33 @@ class ServerContextFactoryTests(SynchronousTestCase):
         """
         An unknown minimum version is a L{ValueError} naming it.
         """
-        for version in ("TLSv1.1", "tlsv1.2", "SSLv3", ""):
+        for version in ("TLSv1.0", "tlsv1.2", "SSLv3", ""):
             with self.assertRaises(ValueError) as e:
                 serverContextFactory(self.cert, self.key, version)
             self.assertIn(repr(version), str(e.exception))
-        self.assertEqual(sorted(VERSIONS), ["TLSv1.2", "TLSv1.3"])
+        self.assertEqual(sorted(VERSIONS), ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"])
+
+    def test_legacyMinimumAcceptsTLS10(self) -> None:
+        """
+        A legacy listener's minimum of TLSv1 lets a TLS 1.0-only client
+        (an old scanner) complete the handshake, which the default refuses.
+        """
+        for version, expected in (("TLSv1", True), ("TLSv1.2", False)):
+            oldClient = LegacyCertificateOptions(
+                0x0301,
+                insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0,
+                lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_0,
+                verify=False,
+            )
+            server, client, _ = handshake(
+                serverContextFactory(self.cert, self.key, version), oldClient
+            )
+            self.assertEqual(server.handshook, expected, version)
+            if expected:
+                transport: Any = client.transport
+                self.assertEqual(
+                    transport.getHandle().get_protocol_version_name(), "TLSv1"
+                )
 
     def test_keyMismatch(self) -> None:
         """

@@ -22,6 +22,9 @@ provider's submission server that the relay uses as its smarthost.
     L{Upstream.hanging} makes it take connections and never greet.
   - L{Upstream.stop} takes it down (connections are cut, new ones refused)
     and L{Upstream.start} brings it back on the same port.
+  - With C{oauth} (a L{tests.tokenendpoint.TokenIssuer}) it takes only
+    XOAUTH2 and OAUTHBEARER (like Microsoft 365 and Gmail without basic
+    auth), and only a token the issuer vouches for now, for C{username}.
 
 The tests talk to this object from the test thread; everything it records
 is appended in the loop thread under a lock, and read as snapshots.
@@ -30,6 +33,7 @@ is appended in the loop thread under a lock, and read as snapshots.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import email
 import email.message
@@ -339,6 +343,59 @@ class UpstreamHandler:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
 
+    async def auth_XOAUTH2(self, server: UpstreamSMTP, args: list[str]) -> AuthResult:
+        return await self._oauth(server, "XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(
+        self, server: UpstreamSMTP, args: list[str]
+    ) -> AuthResult:
+        return await self._oauth(server, "OAUTHBEARER", args)
+
+    async def _oauth(
+        self, server: UpstreamSMTP, mechanism: str, args: list[str]
+    ) -> AuthResult:
+        if len(args) > 1:
+            response: Any = base64.b64decode(args[1])
+        else:
+            response = await server.challenge_auth("")
+            if not isinstance(response, bytes):
+                return AuthResult(success=False, handled=False)
+        text = response.decode("utf-8", "replace")
+        if mechanism == "XOAUTH2":
+            pairs = text.split("\x01")
+            user = next((p[5:] for p in pairs if p.startswith("user=")), "")
+        else:
+            gs2, _, rest = text.partition("\x01")
+            pairs = rest.split("\x01")
+            user = gs2.split(",")[1][2:] if gs2.count(",") >= 2 else ""
+        auth = next((p[5:] for p in pairs if p.startswith("auth=")), "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        upstream = self.upstream
+        with upstream._lock:
+            upstream.seenTokens.append(token)
+        ok = (
+            upstream.oauth is not None
+            and user == upstream.username
+            and upstream.oauth.check(token, user)
+        )
+        upstream._record(
+            Command(
+                server.connectionNumber,
+                "AUTH",
+                user,
+                f"{mechanism} {'235' if ok else '535'}",
+            )
+        )
+        if not ok:
+            return AuthResult(
+                success=False,
+                handled=False,
+                message="535 5.7.3 Authentication unsuccessful",
+            )
+        assert server.session is not None
+        server.session.upstreamMechanism = mechanism  # type: ignore[attr-defined]
+        return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+
     async def handle_EHLO(
         self,
         server: UpstreamSMTP,
@@ -463,6 +520,7 @@ class Upstream:
         password: str | None = None,
         certificateNames: Sequence[str] = ("localhost", HOST),
         authority: CertificateAuthority | None = None,
+        oauth: Any = None,
     ) -> None:
         """
         @param tls: one of L{TLS_MODES}.
@@ -478,6 +536,8 @@ class Upstream:
         self.tls = tls
         self.username = username
         self.password = password
+        self.oauth = oauth
+        self.seenTokens: list[str] = []
         self.authority = authority or CertificateAuthority(self.directory)
         self.certificate, self.privateKey = self.authority.issue(
             certificateNames, "upstream"
@@ -549,9 +609,14 @@ class Upstream:
             kwargs["require_starttls"] = True
         elif self.tls == "implicit":
             kwargs["ssl_context"] = self._serverContext()
-        if self.username is not None:
+        if self.oauth is not None:
+            kwargs["auth_required"] = True
+            kwargs["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
+        elif self.username is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_required"] = True
+        if self.oauth is None:
+            kwargs["auth_exclude_mechanism"] = ["XOAUTH2", "OAUTHBEARER"]
         controller = UpstreamController(self, **kwargs)
         controller.start()
         self._controller = controller
@@ -682,7 +747,7 @@ class Upstream:
         }
         if self.tls != "none":
             config["ca_file"] = self.authority.certificatePath
-        if self.username is not None:
+        if self.username is not None and self.oauth is None:
             secret = self.password if password is None else password
             assert secret is not None
             passwordFile = os.path.join(self.directory, "smarthost-password")

@@ -19,7 +19,14 @@ What it adds to (or mends in) twisted.mail's client:
     a lone "." line there would end the message early);
   - connection-level failures (refused, TLS, AUTH, timeouts, a dropped
     connection) fail only the message being sent; the queue decides what
-    happens to the others.
+    happens to the others;
+  - the login may be a password (AUTH PLAIN or LOGIN) or an OAuth2 access
+    token (XOAUTH2 or OAUTHBEARER, see L{smtpauth_relay.oauth2}), either
+    only over TLS; Twisted's line log, which would keep the AUTH line and
+    which its exceptions print, is off;
+  - the sender may be rewritten for an upstream that takes only its own
+    mailbox (L{smtpauth_relay.rewrite}): C{MAIL FROM}, and C{From:} in the
+    header as it is sent (the spooled file is not changed).
 
 Twisted's own sender factories retry on their own and can leave their
 Deferred unfired over endpoints; this client never retries: the relay's
@@ -31,7 +38,7 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from twisted.internet import protocol
@@ -43,6 +50,12 @@ from twisted.python.failure import Failure
 
 from smtpauth_relay.addresses import xtextEncode
 from smtpauth_relay.envelope import NULL_AUTH, DeliveryReport, Envelope
+from smtpauth_relay.oauth2 import (
+    describeSASLError,
+    oauthbearerResponse,
+    xoauth2Response,
+)
+from smtpauth_relay.rewrite import SenderRewrite, openRewritten
 
 log = Logger()
 
@@ -74,12 +87,14 @@ class Outbound:
     @ivar forwardIdentity: whether C{AUTH=} names the submitter.
     @ivar deadline: seconds the transfer may take once a connection takes
         it (0: no limit but the reply timeouts).
+    @ivar rewrite: how the sender is rewritten on the way out, or C{None}.
     """
 
     envelope: Envelope
     messagePath: str
     forwardIdentity: bool = False
     deadline: float = 0.0
+    rewrite: SenderRewrite | None = None
     result: Deferred[DeliveryReport] = field(default_factory=Deferred)
 
     @property
@@ -98,14 +113,22 @@ class ClientSettings:
     @ivar password: its password.
     @ivar startTLS: context factory for STARTTLS, or C{None} for none.
     @ivar requireTLS: refuse to go on without TLS (STARTTLS required).
+    @ivar mechanism: C{"XOAUTH2"} or C{"OAUTHBEARER"} to log in with an
+        OAuth2 access token instead of a password, or C{""}.
+    @ivar token: the access token (set per connection, see
+        L{RelayClientFactory.withToken}).
+    @ivar port: the upstream's port, named in OAUTHBEARER.
     """
 
     heloName: str
     host: str
     username: str = ""
-    password: bytes = b""
+    password: bytes = field(default=b"", repr=False)
     startTLS: Any = None
     requireTLS: bool = False
+    mechanism: str = ""
+    token: str = field(default="", repr=False)
+    port: int = 0
 
 
 def mailFromParameters(
@@ -208,6 +231,11 @@ class OutboundQueue:
         The destination refused our credentials.
         """
 
+    def authenticated(self, client: RelayClient) -> None:
+        """
+        The destination accepted our credentials.
+        """
+
 
 class RelayClient(smtp.ESMTPClient):
     """
@@ -217,6 +245,9 @@ class RelayClient(smtp.ESMTPClient):
 
     transport: Any
     heloFallback = True
+    # Twisted's line log would keep the AUTH line (password or token), and
+    # str() of its exceptions prints that log.
+    debug = False
 
     def __init__(
         self, settings: ClientSettings, queue: OutboundQueue, clock: Any = None
@@ -231,9 +262,11 @@ class RelayClient(smtp.ESMTPClient):
         self.queue = queue
         self.clock = clock
         self.timeout = RESPONSE_TIMEOUT  # type: ignore[assignment]
-        self.requireAuthentication = bool(settings.username)
-        self.requireTransportSecurity = settings.requireTLS or bool(settings.username)
-        if settings.username:
+        self.requireAuthentication = bool(settings.username or settings.mechanism)
+        self.requireTransportSecurity = (
+            settings.requireTLS or self.requireAuthentication
+        )
+        if settings.username and not settings.mechanism:
             user = settings.username.encode("utf-8")
             self.registerAuthenticator(smtp.PLAINAuthenticator(user))
             self.registerAuthenticator(LOGINAuthenticator(user))
@@ -242,6 +275,7 @@ class RelayClient(smtp.ESMTPClient):
         self.extensions: dict[bytes, bytes | None] = {}
         self.sent = 0
         self._file: IO[bytes] | None = None
+        self._header: Any = None
         self._atLineStart = True
         self._waiting = False
         self._dataSent = False
@@ -305,6 +339,62 @@ class RelayClient(smtp.ESMTPClient):
         smtp.ESMTPClient.smtpState_helo(self, code, resp)
         self._failresponse = self.smtpConnectionFailed
 
+    def authenticate(
+        self, code: int, resp: bytes, items: dict[bytes, bytes | None]
+    ) -> None:
+        """
+        Log in with the OAuth2 token (XOAUTH2 or OAUTHBEARER, with an
+        initial response), or as Twisted does with a password.
+        """
+        mechanism = self.settings.mechanism.encode("ascii")
+        if not mechanism:
+            smtp.ESMTPClient.authenticate(self, code, resp, items)
+            return
+        if not self._tlsMode:
+            # Twisted's tryTLS already insists; a token never goes in clear.
+            self.esmtpTLSRequired()
+            return
+        offered = (items.get(b"AUTH") or b"").upper().split()
+        if mechanism not in offered:
+            self.esmtpAUTHRequired()
+            return
+        settings = self.settings
+        if mechanism == b"XOAUTH2":
+            response = xoauth2Response(settings.username, settings.token)
+        else:
+            response = oauthbearerResponse(
+                settings.username, settings.token, settings.host, settings.port
+            )
+        self._expected = [235]
+        self._okresponse = self._tokenAccepted
+        self._failresponse = self._tokenRefused
+        self.sendLine(b"AUTH " + mechanism + b" " + base64.b64encode(response))
+
+    def _tokenAccepted(self, code: int, resp: bytes) -> None:
+        self.queue.authenticated(self)
+        self.smtpState_from(code, resp)
+
+    def _tokenRefused(self, code: int, resp: bytes) -> None:
+        """
+        The token was refused.  An error challenge (334 with base64 JSON)
+        is answered as the mechanism asks (RFC 7628 section 3.2.3: a lone
+        C{%x01} for OAUTHBEARER; an empty line for XOAUTH2), and the failure
+        reply that follows ends the login.
+        """
+        if code == 334:
+            log.warn(
+                "{host} refused our OAuth2 token with {error}",
+                host=self.settings.host,
+                error=describeSASLError(resp),
+            )
+            finish = b"\x01" if self.settings.mechanism == "OAUTHBEARER" else b""
+            self._expected = [235]
+            self._okresponse = self._tokenAccepted
+            self._failresponse = self.esmtpAUTHDeclined
+            self.sendLine(base64.b64encode(finish))
+            return
+        self.esmtpAUTHDeclined(code, resp)
+
     def _esmtpState_plainAuth(self, code: int, resp: bytes) -> None:
         """
         AUTH PLAIN was refused.  Twisted's client then tries a second form
@@ -317,11 +407,18 @@ class RelayClient(smtp.ESMTPClient):
         self.queue.credentialsRefused(self, _replyText(code, resp or b""))
         smtp.ESMTPClient.esmtpAUTHDeclined(self, code, resp)
 
+    def smtpState_maybeAuthenticated(self, code: int, resp: bytes) -> None:
+        if code == 235:
+            self.queue.authenticated(self)
+        smtp.ESMTPClient.smtpState_maybeAuthenticated(self, code, resp)
+
     def _start(self, outbound: Outbound) -> None:
         self.current = outbound
         self._dataSent = False
+        self._header = None
         envelope = outbound.envelope
-        self._from = envelope.sender
+        rewrite = outbound.rewrite if envelope.sender else None
+        self._from = rewrite.address if rewrite is not None else envelope.sender
         if outbound.deadline:
             self._deadlineCall = self.clock_().callLater(
                 outbound.deadline, self._deadlineExpired
@@ -340,6 +437,9 @@ class RelayClient(smtp.ESMTPClient):
             return
         try:
             size = os.stat(outbound.messagePath).st_size
+            if rewrite is not None and rewrite.rewriteFrom:
+                self._header = openRewritten(outbound.messagePath, rewrite)
+                size += self._header.growth
         except OSError as e:
             self._finish(
                 Failure(
@@ -351,7 +451,7 @@ class RelayClient(smtp.ESMTPClient):
             self.smtpState_from(-1, b"")
             return
         params = mailFromParameters(outbound, self.extensions, size)
-        self.sendLine(b"MAIL FROM:" + smtp.quoteaddr(envelope.sender) + params)
+        self.sendLine(b"MAIL FROM:" + smtp.quoteaddr(self._from) + params)
         self._expected = [250]
         self._okresponse = self.smtpState_to
 
@@ -385,7 +485,10 @@ class RelayClient(smtp.ESMTPClient):
 
     def getMailData(self) -> IO[bytes]:
         assert self.current is not None
-        self._file = open(self.current.messagePath, "rb")
+        if self._header is not None:
+            self._file, self._header = self._header, None
+        else:
+            self._file = open(self.current.messagePath, "rb")
         self._atLineStart = True
         return self._file
 
@@ -448,9 +551,10 @@ class RelayClient(smtp.ESMTPClient):
             if self._deadlineCall.active():
                 self._deadlineCall.cancel()
             self._deadlineCall = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for opened in (self._file, self._header):
+            if opened is not None:
+                opened.close()
+        self._file = self._header = None
         outbound, self.current = self.current, None
         if outbound is None or outbound.done:
             return
@@ -524,6 +628,14 @@ class RelayClientFactory(protocol.ClientFactory):
         client = RelayClient(self.settings, self.queue, self.clock)
         client.factory = self
         return client
+
+    def withToken(self, token: str) -> RelayClientFactory:
+        """
+        A factory for one connection that logs in with C{token}.
+        """
+        return RelayClientFactory(
+            replace(self.settings, token=token), self.queue, self.clock
+        )
 
 
 def plainAuthResponse(username: str, password: bytes) -> bytes:

@@ -17,9 +17,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from smtpauth_relay.durable import fsyncDirectory
 from smtpauth_relay.envelope import DeliveryReport, Envelope
 from smtpauth_relay.interfaces import IDeliveryAgent
-from smtpauth_relay.spool import fsyncDirectory
 from smtpauth_relay.threads import RunInThread
 
 _counter = itertools.count()

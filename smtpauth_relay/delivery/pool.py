@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,6 +26,7 @@ from smtpauth_relay.delivery.client import (
     UpstreamError,
 )
 from smtpauth_relay.envelope import DeliveryReport
+from smtpauth_relay.oauth2 import TokenClient, TokenError
 
 log = Logger()
 
@@ -37,6 +38,10 @@ class ConnectionPool(OutboundQueue):
     @ivar connectionsMade: connections opened so far (for logs and tests).
     @ivar authHold: seconds deliveries wait after the upstream refused our
         credentials.
+    @ivar tokens: where OAuth2 tokens come from, or C{None} (a password, or
+        no login): each connection gets a token before it is opened; a
+        refused token is dropped and the login tried once more, with a new
+        token on a new connection, before deliveries are held.
     """
 
     authHold = 900.0
@@ -49,6 +54,7 @@ class ConnectionPool(OutboundQueue):
         maxConnections: int = 2,
         linger: float = 2.0,
         deadline: float = 600.0,
+        tokens: TokenClient | None = None,
     ) -> None:
         """
         @param factory: its C{queue} is set to this pool.
@@ -73,6 +79,9 @@ class ConnectionPool(OutboundQueue):
         self._waitTimers: dict[int, Any] = {}
         self._heldUntil = 0.0
         self._heldReason = ""
+        self.tokens = tokens
+        self._refusedToken: str | None = None
+        self._retrying: set[RelayClient] = set()
 
     def send(self, outbound: Outbound) -> Deferred[DeliveryReport]:
         """
@@ -129,19 +138,50 @@ class ConnectionPool(OutboundQueue):
         The upstream refused our login: hold deliveries to it for a while
         instead of failing another login with every queued message (which
         gets provider accounts locked).
+
+        A refused OAuth2 token (revoked, or expired early) is first dropped,
+        and the login tried once more with a new one on a new connection.
         """
+        host = self.factory.settings.host
+        if self.tokens is not None:
+            token = client.settings.token
+            self.tokens.invalidate(token)
+            if self._refusedToken in (None, token):
+                # The first refusal of this token (on any connection): a new
+                # token gets one more try before deliveries are held.
+                self._refusedToken = token
+                self._retrying.add(client)
+                log.warn(
+                    "{host} refused our OAuth2 token ({reply}); getting a new one",
+                    host=host,
+                    reply=reply,
+                )
+                return
         self._heldUntil = self.clock.seconds() + self.authHold
         self._heldReason = f"the upstream refused our credentials: {reply}"
+        check = (
+            "[delivery.oauth2] (username, the application's SMTP permission)"
+            if self.tokens is not None
+            else "[delivery] username and password_file"
+        )
         log.error(
             "{host} refused our credentials ({reply}); holding deliveries to it "
-            "for {hold:.0f}s: check [delivery] username and password_file",
-            host=self.factory.settings.host,
+            "for {hold:.0f}s: check {check}",
+            host=host,
             reply=reply,
             hold=self.authHold,
+            check=check,
         )
         self._failWaiting(
             Failure(UpstreamError(self._heldReason, self.factory.settings.host))
         )
+
+    def authenticated(self, client: RelayClient) -> None:
+        """
+        The upstream took our login: a later refused token may be retried
+        again.
+        """
+        self._refusedToken = None
 
     def _dispatch(self) -> None:
         while self.waiting and self._idle:
@@ -160,7 +200,16 @@ class ConnectionPool(OutboundQueue):
 
     def _open(self) -> None:
         self.connecting += 1
-        d = self._connect(self.factory)
+        d: Deferred[Any]
+        if self.tokens is not None:
+            d = self.tokens.getToken()
+            d.addCallback(
+                lambda token: maybeDeferred(
+                    self._connect, self.factory.withToken(token)
+                )
+            )
+        else:
+            d = self._connect(self.factory)
 
         def connected(client: RelayClient) -> None:
             self.connecting -= 1
@@ -169,11 +218,20 @@ class ConnectionPool(OutboundQueue):
 
         def failed(reason: Failure) -> None:
             self.connecting -= 1
-            log.warn(
-                "cannot connect to {host}: {reason}",
-                host=self.factory.settings.host,
-                reason=reason.getErrorMessage(),
-            )
+            if reason.check(TokenError):
+                # TokenClient has logged why.
+                reason = Failure(
+                    UpstreamError(
+                        f"no OAuth2 token: {reason.getErrorMessage()}",
+                        self.factory.settings.host,
+                    )
+                )
+            else:
+                log.warn(
+                    "cannot connect to {host}: {reason}",
+                    host=self.factory.settings.host,
+                    reason=reason.getErrorMessage(),
+                )
             if not self.clients and not self.connecting:
                 self._failWaiting(reason)
 
@@ -244,9 +302,11 @@ class ConnectionPool(OutboundQueue):
             closed, self._closed = self._closed, []
             for d in closed:
                 d.callback(None)
+        retry = client in self._retrying
+        self._retrying.discard(client)
         if not self.waiting:
             return
-        if client.sent > 0:
+        if client.sent > 0 or retry:
             self._dispatch()
         elif not self.clients and not self.connecting:
             # The destination took a connection but no message (TLS or AUTH

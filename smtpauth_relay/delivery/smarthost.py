@@ -1,7 +1,9 @@
 """
 Smarthost delivery: every message goes to one upstream server (the
-provider's submission server), over STARTTLS or implicit TLS, with AUTH,
-through a small pool of reused connections.
+provider's submission server), over STARTTLS or implicit TLS, with AUTH
+(a password, or an OAuth2 token: see L{smtpauth_relay.oauth2}), through a
+small pool of reused connections, its sender rewritten if the upstream
+takes only its own mailbox (L{smtpauth_relay.rewrite}).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -19,10 +21,13 @@ from smtpauth_relay.delivery.client import (
     Outbound,
     OutboundQueue,
     RelayClientFactory,
+    UpstreamError,
 )
 from smtpauth_relay.delivery.pool import ConnectionPool
 from smtpauth_relay.envelope import DeliveryReport, Envelope
 from smtpauth_relay.interfaces import IDeliveryAgent
+from smtpauth_relay.oauth2 import TokenClient
+from smtpauth_relay.rewrite import RewriteUnavailable, SenderRewriter
 
 log = Logger()
 
@@ -74,9 +79,22 @@ class SmarthostDelivery:
         maxConnections: int = 2,
         connectTimeout: float = 30.0,
         timeout: float = 600.0,
+        tokens: TokenClient | None = None,
+        mechanism: str = "",
+        rewriter: SenderRewriter | None = None,
     ) -> None:
-        if username and tls == "none":
+        """
+        @param tokens: where OAuth2 tokens come from, with C{mechanism}
+            (C{"XOAUTH2"} or C{"OAUTHBEARER"}); C{username} is then the
+            mailbox and C{password} unused.
+        @param rewriter: decides each message's sender rewriting, or
+            C{None} for none.
+        """
+        if (username or tokens is not None) and tls == "none":
             raise ValueError("refusing to send credentials without TLS")
+        if (tokens is None) != (not mechanism):
+            raise ValueError("give tokens and mechanism together")
+        self.rewriter = rewriter
         self.host = host
         self.forwardAuthIdentity = forwardAuthIdentity
         options = clientTLSOptions(host, verify, caFile) if tls != "none" else None
@@ -91,6 +109,8 @@ class SmarthostDelivery:
             password=password,
             startTLS=options if tls == "starttls" else None,
             requireTLS=tls == "starttls",
+            mechanism=mechanism,
+            port=port,
         )
         self.pool = ConnectionPool(
             RelayClientFactory(settings, OutboundQueue()),
@@ -98,6 +118,7 @@ class SmarthostDelivery:
             reactor,
             maxConnections=maxConnections,
             deadline=timeout,
+            tokens=tokens,
         )
 
     def close(self) -> Deferred[None]:
@@ -107,6 +128,19 @@ class SmarthostDelivery:
         return self.pool.close()
 
     def deliver(self, envelope: Envelope, messagePath: str) -> Deferred[DeliveryReport]:
+        try:
+            rewrite = (
+                self.rewriter.forEnvelope(envelope)
+                if self.rewriter is not None
+                else None
+            )
+        except RewriteUnavailable as e:
+            return fail(UpstreamError(str(e), self.host))
         return self.pool.send(
-            Outbound(envelope, messagePath, forwardIdentity=self.forwardAuthIdentity)
+            Outbound(
+                envelope,
+                messagePath,
+                forwardIdentity=self.forwardAuthIdentity,
+                rewrite=rewrite,
+            )
         )
