@@ -531,6 +531,19 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
 _USAGE = "usage: smtpauth-relay check-config PATH\n"
 
 
+def loadConfigOrReport(path: str, stderr: TextIO) -> Config | None:
+    """
+    For the commands that take C{--config}: the configuration, or C{None}
+    after writing each of its problems to C{stderr}.
+    """
+    try:
+        return loadConfig(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            stderr.write(problem + "\n")
+        return None
+
+
 def loadConfig(path: str) -> Config:
     """
     Read and validate a configuration file.
@@ -598,11 +611,7 @@ def checkConfigCommand(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> i
         stderr.write(_USAGE)
         return 2
     path = args[0]
-    try:
-        loadConfig(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            stderr.write(problem + "\n")
+    if loadConfigOrReport(path, stderr) is None:
         return 1
     stdout.write(f"{path}: OK\n")
     return 0

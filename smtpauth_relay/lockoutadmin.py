@@ -51,13 +51,10 @@ def lockoutCommand(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
         stderr.write(USAGE)
         return 2
 
-    from smtpauth_relay.config import ConfigError, loadConfig
+    from smtpauth_relay.config import loadConfigOrReport
 
-    try:
-        config = loadConfig(configPath)
-    except ConfigError as e:
-        for problem in e.problems:
-            stderr.write(problem + "\n")
+    config = loadConfigOrReport(configPath, stderr)
+    if config is None:
         return 1
     directory = config.queue.directory
     with relayIsRunning(directory) as running:

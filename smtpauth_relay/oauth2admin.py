@@ -170,13 +170,10 @@ def main(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
         stderr.write(USAGE)
         return 2
 
-    from smtpauth_relay.config import ConfigError, loadConfig
+    from smtpauth_relay.config import loadConfigOrReport
 
-    try:
-        config = loadConfig(configPath)
-    except ConfigError as e:
-        for problem in e.problems:
-            stderr.write(problem + "\n")
+    config = loadConfigOrReport(configPath, stderr)
+    if config is None:
         return 1
     if config.delivery.oauth2 is None:
         stderr.write(

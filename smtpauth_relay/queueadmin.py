@@ -104,13 +104,10 @@ def queueCommand(
         return 0
     configPath, command, queueId, asJSON = options
 
-    from smtpauth_relay.config import ConfigError, loadConfig
+    from smtpauth_relay.config import loadConfigOrReport
 
-    try:
-        config = loadConfig(configPath)
-    except ConfigError as e:
-        for problem in e.problems:
-            stderr.write(problem + "\n")
+    config = loadConfigOrReport(configPath, stderr)
+    if config is None:
         return 1
     directory = config.queue.directory
 
