@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -28,6 +29,7 @@ from smtpauth_relay.interfaces import (
     IScramCredentials,
     IScramStore,
 )
+from smtpauth_relay.logincache import LoginCache
 from smtpauth_relay.threads import RunInThread, threadPoolRunner
 
 __all__ = ["HtpasswdChecker"]
@@ -76,11 +78,18 @@ class HtpasswdChecker:
 
     credentialInterfaces = (IUsernamePassword, IScramCredentials, ICramMD5Credentials)
     log = Logger()
-    maxPending = 32
+    maxPending = 128
     """
     Hash checks allowed to wait for a thread at once; beyond that a login
     gets 454 4.7.0 at once instead of queueing without bound (a flood of
     AUTH attempts must not make every login wait minutes).
+    """
+    verifiedTTL = 300.0
+    """
+    Seconds a password that verified is remembered (as a keyed HMAC, see
+    L{LoginCache}), so that a client logging in for every few messages
+    costs one slow hash per five minutes, not one per session.  Only
+    successes are remembered: a wrong password always costs a full check.
     """
 
     def __init__(
@@ -115,12 +124,17 @@ class HtpasswdChecker:
         self._users: dict[str, str] = {}
         self._problem: str | None = None
         self._pending = 0
+        self._verified = LoginCache(self.verifiedTTL, self._now)
         self._mechanisms = frozenset({"PLAIN", "LOGIN"})
         self._scramIterations = passwords.DEFAULT_SCRAM_ITERATIONS
         # Checked against for unknown users of the SCRAM and CRAM-MD5
         # mechanisms, so that they cost what a known one does.
         self._dummyScramKey = secrets.token_bytes(32)
         self._dummyCramState = secrets.token_bytes(32)
+
+    def _now(self) -> float:
+        seconds = getattr(self._reactor, "seconds", None)
+        return float(seconds()) if seconds is not None else time.monotonic()
 
     def _inThread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
         """
@@ -351,6 +365,12 @@ class HtpasswdChecker:
         except UnicodeDecodeError:
             username = None
         encoded = None if username is None else users.get(username)
+        # The stored hash is part of the key: a changed password (or hash)
+        # is never answered from the cache.
+        cacheKey = f"{username}\0{encoded}"
+        if encoded is not None and self._verified.check(cacheKey, password):
+            assert username is not None
+            return succeed(username)
 
         if self._pending >= self.maxPending:
             self.log.warn(
@@ -372,10 +392,13 @@ class HtpasswdChecker:
 
             return d.addCallback(unknown)
 
+        assert username is not None
+
         def checked(matched: bool) -> str:
             if not matched:
                 raise UnauthorizedLogin()
             assert username is not None
+            self._verified.store(cacheKey, password)
             return username
 
         return self._verify(password, encoded).addCallback(checked)

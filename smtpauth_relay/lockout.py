@@ -127,6 +127,7 @@ class MemoryLockoutStore:
         self._history: dict[str, list[float]] = {}
         self._successes: dict[tuple[str, str], float] = {}
         self._counters: dict[str, deque[tuple[float, int]]] = {}
+        self._sums: dict[str, int] = {}
 
     def recordFailure(self, key: str, now: float, window: float) -> int:
         times = self._failures.setdefault(key, deque())
@@ -173,18 +174,24 @@ class MemoryLockoutStore:
 
     def hit(self, key: str, now: float, window: float, amount: int = 1) -> int:
         self._counters.setdefault(key, deque()).append((now, amount))
+        self._sums[key] = self._sums.get(key, 0) + amount
         return self.total(key, now, window)
 
     def total(self, key: str, now: float, window: float) -> int:
+        # A running sum, so that a busy user's counter costs the same at the
+        # thousandth message of the hour as at the first.
         entries = self._counters.get(key)
         if not entries:
             return 0
+        expired = 0
         while entries and entries[0][0] <= now - window:
-            entries.popleft()
+            expired += entries.popleft()[1]
         if not entries:
             del self._counters[key]
+            self._sums.pop(key, None)
             return 0
-        return sum(amount for _, amount in entries)
+        self._sums[key] -= expired
+        return self._sums[key]
 
     def recordSuccess(self, user: str, address: str, now: float) -> None:
         self._successes[(user, address)] = now

@@ -70,6 +70,7 @@ from smtpauth_relay.sasl import (
 )
 from smtpauth_relay.senders import SenderLoginMap, headerFromAddresses
 from smtpauth_relay.submission import MessageIntake
+from smtpauth_relay.tcp import noDelay
 from smtpauth_relay.trace import TLSInfo, logSafe, receivedHeader, sanitiseHelo
 from smtpauth_relay.usernetworks import UserNetworks
 
@@ -305,6 +306,7 @@ class RelayESMTP(smtp.ESMTP):
         return self.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self._peer = peerHost(self.transport)
         self._plaintextAuth = inNetworks(self._peer, self.settings.plaintextAuthFrom)
         self._bareLF = inNetworks(self._peer, self.settings.bareLFFrom)

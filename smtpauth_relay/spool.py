@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpauth_relay.durable import fsyncDirectory, replaceFile
+from smtpauth_relay.durable import DirectorySync, fsyncDirectory, replaceFile
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
@@ -42,12 +42,25 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 log = Logger()
 
 
-def writeFileDurably(directory: str, tmpDirectory: str, name: str, data: bytes) -> None:
+def writeFileDurably(
+    directory: str,
+    tmpDirectory: str,
+    name: str,
+    data: bytes,
+    syncDirectory: bool = True,
+) -> None:
     """
     Write C{data} to C{directory/name} atomically: a temp file in
-    C{tmpDirectory} (same file system), fsync, rename, fsync of C{directory}.
+    C{tmpDirectory} (same file system), fsync, rename, and (unless the
+    caller batches it) fsync of C{directory}.
     """
-    replaceFile(os.path.join(directory, name), data, None, tmpDirectory=tmpDirectory)
+    replaceFile(
+        os.path.join(directory, name),
+        data,
+        None,
+        tmpDirectory=tmpDirectory,
+        syncDirectory=syncDirectory,
+    )
 
 
 def newQueueId(now: float) -> str:
@@ -147,11 +160,14 @@ class SpoolWriter:
             self._created.append(messagePath)
             os.unlink(self._tmpPath)
             self._created.append(spool._envelopePath(self.queueId))
+            # The queue directory's fsync, which makes the link and the
+            # rename durable, is batched with concurrent commits (commit).
             writeFileDurably(
                 spool.queuedDirectory,
                 spool.tmpDirectory,
                 self.queueId + ".env",
                 envelope.toJSON(),
+                syncDirectory=False,
             )
         except OSError as e:
             self._discardInThread()
@@ -182,13 +198,17 @@ class SpoolWriter:
             raise ValueError("envelope belongs to another message")
         self._flushPending()
         self._finished = True
-        d = self._then(self._commitInThread, envelope)
+        return Deferred.fromCoroutine(self._commit(envelope))
 
-        def committed(queueId: str) -> str:
-            self._spool._committed(queueId)
-            return queueId
-
-        return d.addCallback(committed)
+    async def _commit(self, envelope: Envelope) -> str:
+        queueId: str = await self._then(self._commitInThread, envelope)
+        try:
+            await self._spool.directorySync.sync()
+        except OSError as e:
+            await self._then(self._discardInThread)
+            raise _spoolError(e, "committing message") from e
+        self._spool._committed(queueId)
+        return queueId
 
     def abort(self) -> Deferred[None]:
         """
@@ -220,6 +240,7 @@ class Spool:
         self.tmpDirectory = os.path.join(directory, "tmp")
         self.queuedDirectory = os.path.join(directory, "queued")
         self.runInThread = runInThread
+        self.directorySync = DirectorySync(self.queuedDirectory, runInThread)
         self._clock = clock
         self._listeners: list[Callable[[str], object]] = []
         self._lockFile: Any = None
@@ -325,9 +346,12 @@ class Spool:
                 self.tmpDirectory,
                 envelope.queueId + ".env",
                 envelope.toJSON(),
+                syncDirectory=False,
             )
 
-        return self.runInThread(saveInThread)
+        return self.runInThread(saveInThread).addCallback(
+            lambda _: self.directorySync.sync()
+        )
 
     def quarantine(self, queueId: str) -> Deferred[None]:
         """
@@ -359,9 +383,10 @@ class Spool:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-            fsyncDirectory(self.queuedDirectory)
 
-        return self.runInThread(removeInThread)
+        return self.runInThread(removeInThread).addCallback(
+            lambda _: self.directorySync.sync()
+        )
 
     def addListener(self, listener: Callable[[str], object]) -> None:
         """

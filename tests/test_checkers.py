@@ -13,6 +13,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import findCheckerFactory, makeChecker
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -225,9 +226,34 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         self.failureResultOf(self.login(b"alice", ALICE_PASSWORD), CheckerUnavailable)
         waiting[0].callback(None)
         self.assertEqual(self.successResultOf(first), "alice")
-        third = self.login(b"alice", ALICE_PASSWORD)
+        third = self.login(b"alice", b"a wrong password")
         waiting[2].callback(None)
-        self.assertEqual(self.successResultOf(third), "alice")
+        self.assertRejected(third, unknown=False)
+
+    def test_verifiedPasswordRemembered(self) -> None:
+        """
+        A password that verified is answered from memory for
+        C{verifiedTTL} seconds, without another hash check; a wrong one is
+        always checked in full, and after the time is up the right one is
+        checked again.
+        """
+        clock = Clock()
+        self.checker = self.makeChecker(reactor=clock)
+        self.assertEqual(
+            self.successResultOf(self.login(b"alice", ALICE_PASSWORD)), "alice"
+        )
+        self.assertEqual(len(self.spy.calls), 1)
+        clock.advance(self.checker.verifiedTTL - 1)
+        self.assertEqual(
+            self.successResultOf(self.login(b"alice", ALICE_PASSWORD)), "alice"
+        )
+        self.assertEqual(len(self.spy.calls), 1)
+        self.assertRejected(self.login(b"alice", b"close, but no"), unknown=False)
+        self.assertEqual(len(self.spy.calls), 2)
+        clock.advance(1)
+        self.successResultOf(self.login(b"alice", ALICE_PASSWORD))
+        self.assertEqual(len(self.spy.calls), 3)
+        self.assertNotIn(ALICE_PASSWORD, repr(vars(self.checker._verified)).encode())
 
     def test_bcrypt(self) -> None:
         """

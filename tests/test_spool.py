@@ -10,12 +10,14 @@ import json
 import os
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smtpauth_relay import durable
 from smtpauth_relay import spool as spoolModule
+from smtpauth_relay.durable import DirectorySync
 from smtpauth_relay.envelope import Attempt, Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
@@ -184,7 +186,15 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         names = [f.__name__ for f in self.runner.calls]
         self.assertEqual(
             names,
-            ["_writeChunk", "_commitInThread", "saveInThread", "removeInThread"],
+            [
+                "_writeChunk",
+                "_commitInThread",
+                "fsyncDirectory",
+                "saveInThread",
+                "fsyncDirectory",
+                "removeInThread",
+                "fsyncDirectory",
+            ],
         )
 
     def test_fsync(self) -> None:
@@ -361,3 +371,57 @@ class QueueIdTests(SynchronousTestCase):
         """
         queueId = newQueueId(1_800_000_000)
         self.assertRegex(queueId, r"^[0-9A-F]{27}$")
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    """
+    Group commit of the queue directory's fsync (L{DirectorySync}).
+    """
+
+    def test_oneSyncServesEveryoneWaiting(self) -> None:
+        """
+        Callers that ask while a sync runs share the next one: three
+        commits during one fsync cost two fsyncs in all, and each caller
+        hears only after an fsync that started after it asked.
+        """
+        pending: list[Deferred[None]] = []
+
+        def runInThread(f: object, *args: object) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            pending.append(d)
+            return d
+
+        sync = DirectorySync("/nonexistent", runInThread)
+        first = sync.sync()
+        self.assertEqual(len(pending), 1)
+        second, third = sync.sync(), sync.sync()
+        self.assertEqual(len(pending), 1)
+        pending[0].callback(None)
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.assertEqual(len(pending), 2)
+        pending[1].callback(None)
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertEqual(sync.syncs, 2)
+
+    def test_failureReachesTheBatch(self) -> None:
+        """
+        A failed fsync fails every caller of its batch, and the next caller
+        gets a new attempt.
+        """
+        pending: list[Deferred[None]] = []
+
+        def runInThread(f: object, *args: object) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            pending.append(d)
+            return d
+
+        sync = DirectorySync("/nonexistent", runInThread)
+        first = sync.sync()
+        pending[0].errback(OSError(errno.EIO, "Input/output error"))
+        self.failureResultOf(first, OSError)
+        later = sync.sync()
+        self.assertEqual(len(pending), 2)
+        pending[1].callback(None)
+        self.successResultOf(later)

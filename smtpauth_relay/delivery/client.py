@@ -56,6 +56,7 @@ from smtpauth_relay.oauth2 import (
     xoauth2Response,
 )
 from smtpauth_relay.rewrite import SenderRewrite, openRewritten
+from smtpauth_relay.tcp import noDelay
 
 log = Logger()
 
@@ -286,6 +287,10 @@ class RelayClient(smtp.ESMTPClient):
         self.toAddressesResult: list[tuple[Any, int, bytes]] = []
 
     # -- capabilities -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+        super().connectionMade()
 
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
         self.extensions = {}

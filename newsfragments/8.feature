@@ -1,0 +1,6 @@
+Faster under load: TCP_NODELAY on SMTP connections both ways (delivery no
+longer waits on delayed ACKs), the queue directory's fsync shared by
+concurrent commits and removals (group commit), O(1) rate-limit counters, and
+a verified password remembered for five minutes (as a keyed HMAC, never the
+password) so that a client logging in for every few messages costs one slow
+hash per five minutes.
