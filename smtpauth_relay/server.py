@@ -270,6 +270,8 @@ class RelayESMTP(smtp.ESMTP):
         self._processing = False
         self._discardingLine = False
         self._inLongDataLine = False
+        self._slowUntil = 0
+        """Buffer offset up to which DATA lines take the careful path."""
         self._heloName: str | None = None
         self._esmtp = False
         self._secure = self.settings.tlsMode == "implicit"
@@ -562,6 +564,7 @@ class RelayESMTP(smtp.ESMTP):
             self._processing = False
             if self._pos:
                 self._buffer = self._buffer[self._pos :]
+                self._slowUntil = max(0, self._slowUntil - self._pos)
                 self._pos = 0
 
     def shutdown(self) -> None:
@@ -1212,6 +1215,8 @@ class RelayESMTP(smtp.ESMTP):
         """
         intake = self._intake
         assert intake is not None
+        if not self._bareLF and not self._inLongDataLine and self._dataChunk(intake):
+            return True
         # Only CRLF ends a line (a bare LF is refused by the intake: SMTP
         # smuggling), except for the legacy lane's devices, whose bare LF
         # is a line end like CRLF.
@@ -1241,6 +1246,38 @@ class RelayESMTP(smtp.ESMTP):
             self._endData(intake)
         else:
             intake.lineReceived(line)
+        return True
+
+    def _dataChunk(self, intake: MessageIntake) -> bool:
+        """
+        The body's fast path: hand every complete line in the buffer before
+        the end-of-data line to the intake at once.
+
+        @return: whether lines were consumed; if not, the caller takes one
+            line the careful way.
+        """
+        buffer, pos = self._buffer, self._pos
+        if (
+            not intake.acceptsChunks
+            or pos < self._slowUntil
+            or buffer.startswith(b".\r\n", pos)
+        ):
+            return False
+        marker = buffer.find(b"\r\n.\r\n", pos)
+        if marker != -1:
+            cut = marker + 2
+        else:
+            last = buffer.rfind(b"\r\n", pos)
+            if last == -1:
+                return False
+            cut = last + 2
+        if not intake.bodyChunk(buffer[pos:cut]):
+            # Something in there needs the careful path: take these lines one
+            # by one (the buffer is kept from pos, so offsets stay valid).
+            self._slowUntil = cut
+            return False
+        self._pos = cut
+        self.resetTimeout()
         return True
 
     def _endData(self, intake: MessageIntake) -> None:

@@ -118,6 +118,46 @@ class MessageIntake:
                 return
         self.writer.write(line + b"\n")
 
+    @property
+    def acceptsChunks(self) -> bool:
+        """
+        Whether L{bodyChunk} may be tried: in the body, with no error yet.
+        """
+        return self.error is None and not self._inHeader and not self._firstLine
+
+    def bodyChunk(self, chunk: bytes) -> bool:
+        """
+        The fast path for the body: whole CRLF-terminated lines at once
+        (still dot-stuffed, without the final dot's line), checked and
+        written with a few calls over the whole chunk instead of several per
+        line.
+
+        @return: C{False}, having done nothing, if the chunk cannot take the
+            fast path (still in the header section, an error already, a line
+            too long, a bare CR or LF): the caller then feeds its lines to
+            L{lineReceived}, which finds and reports what is wrong.
+        """
+        if not self.acceptsChunks:
+            return False
+        lines = chunk.count(b"\r\n")
+        if not lines or chunk.count(b"\r") != lines or chunk.count(b"\n") != lines:
+            return False
+        parts = chunk[:-2].split(b"\r\n")
+        if max(map(len, parts)) + 2 > self.maxLineLength:
+            return False
+        if chunk.startswith(b".") or b"\r\n." in chunk:
+            data = b"\n".join(p[1:] if p[:1] == b"." else p for p in parts) + b"\n"
+        else:
+            data = chunk.replace(b"\r\n", b"\n")
+        self.size += len(data) + lines
+        if self.size > self.maxSize:
+            self._fail(replies.TOO_BIG)
+            return True
+        if not self.eightBit and not data.isascii():
+            self.eightBit = True
+        self.writer.write(data)
+        return True
+
     def _headerLine(self, line: bytes) -> None:
         """
         Follow the header section: count the hops (RFC 5321 6.3: a message
