@@ -46,7 +46,10 @@ import run  # noqa: E402
 
 #: (category, pattern on one frame), the first match wins for a frame.
 CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("password check (sha512-crypt)", r"passwords\.py|checkers\.py|bcrypt"),
+    (
+        "password check (sha512-crypt)",
+        r"passwords\.py|checkers\.py|logincache\.py|bcrypt",
+    ),
     ("fsync", r"\bfsync\b|fsyncDirectory|fdatasync"),
     (
         "TLS (OpenSSL, pyOpenSSL, twisted tls)",
