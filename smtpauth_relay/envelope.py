@@ -8,7 +8,7 @@ admin can read them and a later version can still load them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ENVELOPE_VERSION = 1
@@ -76,9 +76,14 @@ class Envelope:
         """
         Serialise for the spool.
         """
-        data: dict[str, Any] = asdict(self)
+        # Field by field rather than asdict() (a deep copy), and without
+        # indent= (which makes json fall back to its pure-Python encoder):
+        # this runs for every message accepted and every attempt.
+        data: dict[str, Any] = dict(self.__dict__)
+        data["recipients"] = list(self.recipients)
+        data["attempts"] = [dict(a.__dict__) for a in self.attempts]
         data["version"] = ENVELOPE_VERSION
-        return json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def fromJSON(cls, raw: bytes) -> Envelope:

@@ -141,8 +141,12 @@ class SpoolWriter:
         except OSError as e:
             self._error = e
 
-    def _commitInThread(self, envelope: Envelope) -> str:
+    def _commitInThread(self, envelope: Envelope, tail: bytes = b"") -> str:
         spool = self._spool
+        if tail:
+            # The last bytes ride with the commit: one trip to the thread
+            # pool instead of two (a small message is all tail).
+            self._writeChunk(tail)
         if self._error is not None:
             self._discardInThread()
             raise _spoolError(self._error, "writing message")
@@ -196,12 +200,14 @@ class SpoolWriter:
         """
         if envelope.queueId != self.queueId:
             raise ValueError("envelope belongs to another message")
-        self._flushPending()
+        tail = b"".join(self._pending)
+        self._pending = []
+        self._pendingSize = 0
         self._finished = True
-        return Deferred.fromCoroutine(self._commit(envelope))
+        return Deferred.fromCoroutine(self._commit(envelope, tail))
 
-    async def _commit(self, envelope: Envelope) -> str:
-        queueId: str = await self._then(self._commitInThread, envelope)
+    async def _commit(self, envelope: Envelope, tail: bytes) -> str:
+        queueId: str = await self._then(self._commitInThread, envelope, tail)
         try:
             await self._spool.directorySync.sync()
         except OSError as e:

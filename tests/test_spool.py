@@ -187,7 +187,6 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(
             names,
             [
-                "_writeChunk",
                 "_commitInThread",
                 "fsyncDirectory",
                 "saveInThread",
