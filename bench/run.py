@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -308,7 +309,7 @@ def snapshotSource(root: str) -> tuple[str, dict[str, Any]]:
 
 
 @dataclass
-class Target:
+class Target(ABC):
     name: str
     work: str
     sinkPort: int
@@ -316,11 +317,17 @@ class Target:
     tlsPort: int = field(default_factory=freePort)
     roots: list[int] = field(default_factory=list)
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """
+        Start the relay; set C{roots} to its process ids.
+        """
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """
+        Stop the relay and wait for its processes.
+        """
 
     def anomalies(self) -> dict[str, int]:
         """
@@ -357,7 +364,6 @@ class Relay(Target):
     fsynced before the 250).
     """
 
-    workers: int | None = None
     source: str = ROOT
 
     NORMAL = re.compile(
@@ -383,8 +389,6 @@ class Relay(Target):
             "max_connections_per_ip = 20000",
             "max_message_size = 52428800",
         ]
-        if self.workers is not None:
-            server.append(f"workers = {self.workers}")
         serverText = "\n".join(server)
         with open(f"{w}/relay.toml", "w") as f:
             f.write(
@@ -589,7 +593,6 @@ def measure(
     )
     target = targetClass(targetClass.__name__.lower(), work, sinkPort)
     if isinstance(target, Relay):
-        target.workers = options.workers
         target.source = options.source
     started = False
     result: dict[str, Any] = {}
@@ -817,9 +820,6 @@ def main() -> int:
         "--idle", type=int, default=1000, help="sessions in the idle scenario"
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="[server] workers for ours"
-    )
-    p.add_argument(
         "--source",
         default=None,
         help="run ours from this directory instead of a snapshot of the checkout",
@@ -878,7 +878,6 @@ def main() -> int:
                     [round(x, 2) for x in la] for la in loads
                 ],
                 "code": source,
-                "workers": args.workers,
                 "repeat": args.repeat,
                 "scenarios": {n: sc.__dict__ for n, sc in used.items()},
                 "results": results,

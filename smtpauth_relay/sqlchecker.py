@@ -845,7 +845,8 @@ class SQLChecker:
 
         @raise CheckerUnavailable: If the database does not answer.
         """
-        for attempt in (1, 2):
+        reconnected = False
+        while True:
             busy = self._busy()
             if busy is not None:
                 raise busy
@@ -856,7 +857,8 @@ class SQLChecker:
             except CancelledError:
                 raise
             except _Stale as e:
-                if attempt == 1:
+                if not reconnected:
+                    reconnected = True
                     self.log.info(
                         "Connection to {database} was cut ({problem}); reconnecting",
                         database=self.database.description,
@@ -873,7 +875,6 @@ class SQLChecker:
                 )
                 self._problem = None
             return result
-        raise AssertionError("not reached")  # pragma: no cover
 
     def _query(self, connection: Any, username: str) -> _Result:
         """

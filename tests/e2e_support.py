@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -125,7 +126,7 @@ def stopProcess(
         process.wait(timeout)
 
 
-class ServerProcess:
+class ServerProcess(ABC):
     """
     A server the tests run in a subprocess, from a configuration and a
     temporary directory of its own, listening on ports chosen free.
@@ -147,8 +148,11 @@ class ServerProcess:
     logPath: str
     process: subprocess.Popen[bytes] | None
 
+    @abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError()
+        """
+        The server's argv.
+        """
 
     def _popenArguments(self) -> dict[str, Any]:
         """
@@ -156,11 +160,18 @@ class ServerProcess:
         """
         return {}
 
+    @abstractmethod
     def _listeningPorts(self) -> Iterable[int]:
-        raise NotImplementedError()
+        """
+        The ports that must accept connections before the server counts as
+        started.
+        """
 
+    @abstractmethod
     def _choosePorts(self) -> None:
-        raise NotImplementedError()
+        """
+        Choose new free ports (and write them into the configuration).
+        """
 
     def _logFiles(self) -> tuple[str, ...]:
         """

@@ -15,7 +15,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
-    OutboundQueue,
     RelayClientFactory,
     UpstreamError,
     mailFromParameters,
@@ -43,7 +42,7 @@ class PoolTestCase(SynchronousTestCase):
         options: dict[str, Any] = dict(heloName="relay.example.org", host="upstream")
         options.update(settings)
         return ConnectionPool(
-            RelayClientFactory(ClientSettings(**options), OutboundQueue()),
+            RelayClientFactory(ClientSettings(**options)),
             self.connector,
             self.clock,
             maxConnections=2,

@@ -26,7 +26,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
-    OutboundQueue,
     RelayClientFactory,
     UpstreamError,
 )
@@ -466,7 +465,7 @@ class OAuthDeliveryTestCase(TokenClientTestCase):
         )
         options.update(settings)
         return ConnectionPool(
-            RelayClientFactory(ClientSettings(**options), OutboundQueue()),
+            RelayClientFactory(ClientSettings(**options)),
             self.connector,
             self.clock,
             tokens=self.tokens,

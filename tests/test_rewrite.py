@@ -15,7 +15,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
-    OutboundQueue,
     RelayClientFactory,
 )
 from smtpauth_relay.delivery.pool import ConnectionPool
@@ -264,7 +263,6 @@ class UpstreamBytesTests(SynchronousTestCase):
         self.pool = ConnectionPool(
             RelayClientFactory(
                 ClientSettings(heloName="relay.example.org", host="upstream"),
-                OutboundQueue(),
             ),
             self.connector,
             self.clock,

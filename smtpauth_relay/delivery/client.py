@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -203,35 +204,39 @@ def reportFor(
     )
 
 
-class OutboundQueue:
+class OutboundQueue(ABC):
     """
-    Messages waiting for a connection to one destination.
+    Messages waiting for a connection to one destination (the connection
+    pool is the one implementation).
     """
 
+    @abstractmethod
     def take(self, client: RelayClient) -> Outbound | None:
         """
         The next message for C{client}, or C{None} if there is none now.
         """
-        raise NotImplementedError()
 
+    @abstractmethod
     def idle(self, client: RelayClient) -> bool:
         """
         C{client} has nothing to send; return C{True} if it should wait for
         a message (the queue then hands one to L{RelayClient.offer}), or
         C{False} to let it QUIT.
         """
-        return False
 
+    @abstractmethod
     def clientGone(self, client: RelayClient, reason: Failure) -> None:
         """
         C{client}'s connection has ended.
         """
 
+    @abstractmethod
     def credentialsRefused(self, client: RelayClient, reply: str) -> None:
         """
         The destination refused our credentials.
         """
 
+    @abstractmethod
     def authenticated(self, client: RelayClient) -> None:
         """
         The destination accepted our credentials.
@@ -623,13 +628,21 @@ class RelayClientFactory(protocol.ClientFactory):
     """
 
     def __init__(
-        self, settings: ClientSettings, queue: OutboundQueue, clock: Any = None
+        self,
+        settings: ClientSettings,
+        queue: OutboundQueue | None = None,
+        clock: Any = None,
     ) -> None:
+        """
+        @param queue: where clients take messages from; a L{ConnectionPool}
+            sets itself here when it adopts the factory.
+        """
         self.settings = settings
         self.queue = queue
         self.clock = clock
 
     def buildProtocol(self, addr: Any) -> RelayClient:
+        assert self.queue is not None, "no queue: give the factory to a pool"
         client = RelayClient(self.settings, self.queue, self.clock)
         client.factory = self
         return client

@@ -50,7 +50,6 @@ from zope.interface import implementer
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
-    OutboundQueue,
     RelayClient,
     RelayClientFactory,
 )
@@ -221,6 +220,7 @@ class MXClientFactory(RelayClientFactory):
     tlsFailed = False
 
     def buildProtocol(self, addr: Any) -> MXClient:
+        assert self.queue is not None, "no queue: give the factory to a pool"
         client = MXClient(self.settings, self.queue, self.clock)
         client.factory = self
         client.mxFactory = self
@@ -621,7 +621,7 @@ class MXDelivery:
             return result
 
         new = _DestinationPool(
-            MXClientFactory(settings, OutboundQueue()),
+            MXClientFactory(settings),
             connect,
             self.reactor,
             maxConnections=self.maxPerDestination,

@@ -19,7 +19,6 @@ from zope.interface import implementer
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
-    OutboundQueue,
     RelayClientFactory,
     UpstreamError,
 )
@@ -113,7 +112,7 @@ class SmarthostDelivery:
             port=port,
         )
         self.pool = ConnectionPool(
-            RelayClientFactory(settings, OutboundQueue()),
+            RelayClientFactory(settings),
             endpoint.connect,
             reactor,
             maxConnections=maxConnections,
