@@ -9,7 +9,7 @@ checker the portal sees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,23 +204,9 @@ class ChainChecker:
         for checker in self.checkers:
             if not IScramStore.providedBy(checker):
                 continue
-            timeout = self.timeoutOf(checker)
-            d = maybeDeferred(checker.scramSecrets, username)
-            d.addTimeout(timeout, self._clock)
-            try:
-                found: ScramSecrets = await d
-            except CheckerUnavailable:
-                raise
-            except TimeoutError:
-                log.error(
-                    "credential checker {checker!r} timed out after {timeout}s",
-                    checker=checker,
-                    timeout=timeout,
-                )
-                raise CheckerUnavailable(f"{checker!r} timed out") from None
-            except Exception:
-                log.failure("credential checker {checker!r} failed", checker=checker)
-                raise CheckerUnavailable(f"{checker!r} failed") from None
+            found: ScramSecrets = await self._ask(
+                checker, checker.scramSecrets, username
+            )
             if found.known:
                 return found
             if fake is None:
@@ -229,33 +215,41 @@ class ChainChecker:
             fake = fakeScramSecrets(username, DEFAULT_SCRAM_ITERATIONS)
         return fake
 
+    async def _ask(self, checker: Any, call: Callable[..., Any], *args: Any) -> Any:
+        """
+        C{call(*args)} on C{checker}, within its timeout.  A refusal
+        (L{UnauthorizedLogin}, L{UnknownUser}) and L{CheckerUnavailable}
+        pass through; a timeout or any other failure is logged and becomes
+        L{CheckerUnavailable}.
+        """
+        timeout = self.timeoutOf(checker)
+        d = maybeDeferred(call, *args)
+        d.addTimeout(timeout, self._clock)
+        try:
+            return await d
+        except (UnauthorizedLogin, CheckerUnavailable):
+            raise
+        except TimeoutError:
+            log.error(
+                "credential checker {checker!r} timed out after {timeout}s",
+                checker=checker,
+                timeout=timeout,
+            )
+            raise CheckerUnavailable(f"{checker!r} timed out") from None
+        except Exception:
+            log.failure("credential checker {checker!r} failed", checker=checker)
+            raise CheckerUnavailable(f"{checker!r} failed") from None
+
     async def _check(self, credentials: ICredentials) -> Any:
         asked = False
         for checker in self.checkers:
             if not any(i.providedBy(credentials) for i in checker.credentialInterfaces):
                 continue
             asked = True
-            timeout = self.timeoutOf(checker)
-            d = maybeDeferred(checker.requestAvatarId, credentials)
-            d.addTimeout(timeout, self._clock)
             try:
-                return await d
+                return await self._ask(checker, checker.requestAvatarId, credentials)
             except UnknownUser:
                 continue
-            except UnauthorizedLogin:
-                raise
-            except CheckerUnavailable:
-                raise
-            except TimeoutError:
-                log.error(
-                    "credential checker {checker!r} timed out after {timeout}s",
-                    checker=checker,
-                    timeout=timeout,
-                )
-                raise CheckerUnavailable(f"{checker!r} timed out") from None
-            except Exception:
-                log.failure("credential checker {checker!r} failed", checker=checker)
-                raise CheckerUnavailable(f"{checker!r} failed") from None
         if not asked:
             raise UnhandledCredentials("no checker for these credentials")
         raise UnauthorizedLogin("unknown user")

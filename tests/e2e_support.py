@@ -935,3 +935,17 @@ class HAProxyProcess(ServerProcess):
 
     def _command(self) -> list[str]:
         return [self.executable, "-f", self.configPath, "-db"]
+
+
+def markedMessage(marker: str, body: bytes) -> bytes:
+    """
+    A small message (CRLF line ends) with C{marker} as its Subject and in
+    its Message-ID, so a test can find it wherever it was delivered.
+    """
+    return (
+        b"From: Sender <sender@sender.example>\r\n"
+        b"To: Recipient <rcpt@rcpt.example>\r\n"
+        b"Subject: " + marker.encode() + b"\r\n"
+        b"Message-ID: <" + marker.encode() + b"@client.e2e.test>\r\n"
+        b"\r\n" + body
+    )

@@ -44,6 +44,7 @@ from tests.e2e_support import (
     clientContext,
     closeQuietly,
     loopbackAddresses,
+    markedMessage,
     plainResponse,
     poll,
 )
@@ -192,13 +193,7 @@ class SharedRelay(SharedRelayTestCase):
         """
         A small message with CRLF line endings and C{marker} as Subject.
         """
-        return (
-            b"From: Sender <sender@sender.example>\r\n"
-            b"To: Recipient <rcpt@rcpt.example>\r\n"
-            b"Subject: " + marker.encode() + b"\r\n"
-            b"Message-ID: <" + marker.encode() + b"@client.e2e.test>\r\n"
-            b"\r\n" + body
-        )
+        return markedMessage(marker, body)
 
     def submit(
         self,

@@ -40,6 +40,7 @@ from tests.e2e_support import (
     clientContext,
     closeQuietly,
     loopbackAddresses,
+    markedMessage,
     poll,
 )
 
@@ -204,13 +205,7 @@ class DeliveryHarness(SynchronousTestCase):
         """
         if body is None:
             body = b"Hello.\r\n.a line with a leading dot\r\n..and two\r\n"
-        return (
-            b"From: Sender <sender@sender.example>\r\n"
-            b"To: Recipient <rcpt@rcpt.example>\r\n"
-            b"Subject: " + marker.encode() + b"\r\n"
-            b"Message-ID: <" + marker.encode() + b"@client.e2e.test>\r\n"
-            b"\r\n" + body
-        )
+        return markedMessage(marker, body)
 
     def submit(
         self,
