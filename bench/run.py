@@ -123,9 +123,10 @@ def waitPort(port: int, timeout: float = 30.0) -> None:
 # -- /proc accounting ------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
+def _stat(pid: int) -> tuple[int, int, int, int] | None:
     """
-    (ppid, own CPU ticks, reaped children's CPU ticks) of C{pid}.
+    (ppid, own CPU ticks, reaped children's CPU ticks, of which in the
+    kernel: own stime + cstime) of C{pid}.
     """
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -138,6 +139,7 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
         int(fields[1]),
         int(fields[11]) + int(fields[12]),
         int(fields[13]) + int(fields[14]),
+        int(fields[12]) + int(fields[14]),
     )
 
 
@@ -162,7 +164,7 @@ def processTree(roots: list[int]) -> list[int]:
     return sorted(tree)
 
 
-def cpuSeconds(roots: list[int]) -> float:
+def cpuSeconds(roots: list[int]) -> tuple[float, float]:
     """
     CPU of the live tree under C{roots} plus what its exited (and reaped)
     children left in the cutime/cstime of their parents in the tree.  Taken
@@ -171,12 +173,13 @@ def cpuSeconds(roots: list[int]) -> float:
     cleanup, smtp, ...): a child's CPU moves from its own counters into
     its parent's cutime when it is reaped.
     """
-    total = 0
+    total = system = 0
     for pid in processTree(roots):
         st = _stat(pid)
         if st is not None:
             total += st[1] + st[2]
-    return total / TICKS
+            system += st[3]
+    return total / TICKS, system / TICKS
 
 
 def machineSeconds() -> tuple[float, float]:
@@ -625,7 +628,7 @@ def measureLoad(target: Target, scenario: Scenario, countFile: str) -> dict[str,
     sampler = PeakSampler(target.roots)
     sampler.start()
     sinkCpu0 = sinkState(countFile)[3]
-    cpu0 = cpuSeconds(target.roots)
+    cpu0, system0 = cpuSeconds(target.roots)
     busy0, irq0 = machineSeconds()
     started = time.perf_counter()
     gen = subprocess.run(
@@ -660,7 +663,8 @@ def measureLoad(target: Target, scenario: Scenario, countFile: str) -> dict[str,
         if unique >= load["accepted"] or time.monotonic() - lastChange > 30:
             break
         time.sleep(0.01)
-    cpu = cpuSeconds(target.roots) - cpu0
+    cpu1, system1 = cpuSeconds(target.roots)
+    cpu, system = cpu1 - cpu0, system1 - system0
     busy, irq = machineSeconds()
     busy, irq = busy - busy0, irq - irq0
     peakPss = max(sampler.stop(), pssOf(processTree(target.roots)))
@@ -677,6 +681,8 @@ def measureLoad(target: Target, scenario: Scenario, countFile: str) -> dict[str,
         "delivered_per_second": round(unique / (deliveredAt - started), 1),
         "cpu_seconds": round(cpu, 2),
         "cpu_seconds_per_1000": round(cpu * 1000 / accepted, 3),
+        # Of which in the kernel (stime): syscalls, fsync, TCP sends.
+        "system_cpu_seconds": round(system, 2),
         # The whole machine's process CPU in the window, less the relay,
         # the load generator and the sink: the other tenants of the machine
         # and kernel threads (the file system journal's among them).

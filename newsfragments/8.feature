@@ -4,3 +4,6 @@ concurrent commits and removals (group commit), O(1) rate-limit counters, and
 a verified password remembered for five minutes (as a keyed HMAC, never the
 password) so that a client logging in for every few messages costs one slow
 hash per five minutes.
+The spool keeps the emptied files of delivered messages in ``free/`` and
+writes new messages into them, instead of creating and deleting two files per
+message.

@@ -31,8 +31,6 @@ def replaceFile(
     data: bytes,
     mode: int | None = 0o600,
     like: os.stat_result | None = None,
-    tmpDirectory: str | None = None,
-    syncDirectory: bool = True,
 ) -> None:
     """
     Replace (or create) C{path} with C{data}, atomically and durably.
@@ -42,16 +40,11 @@ def replaceFile(
     @param like: the old file's C{stat}: its mode and owner are kept instead
         (root editing a C{root:relay 0640} file must not leave one the relay
         can no longer read).
-    @param tmpDirectory: where the temporary file is made, on the same file
-        system as C{path} (by default C{path}'s directory).
-    @param syncDirectory: whether to fsync the directory too; without it
-        the caller does (see L{DirectorySync}) before counting on the file.
-
     @raise OSError: if it cannot be written; C{path} is then as it was.
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(
-        dir=tmpDirectory or directory,
+        dir=directory,
         prefix=f".{os.path.basename(path)}.",
         suffix=".tmp",
     )
@@ -74,8 +67,7 @@ def replaceFile(
         except FileNotFoundError:
             pass
         raise
-    if syncDirectory:
-        fsyncDirectory(directory)
+    fsyncDirectory(directory)
 
 
 class DirectorySync:

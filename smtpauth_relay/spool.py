@@ -4,7 +4,8 @@ hears 250.
 
 Layout of the queue directory::
 
-    tmp/            files being written (emptied at start)
+    tmp/            new files being written (emptied at start)
+    free/           empty files kept for reuse (L{smtpauth_relay.filepool})
     queued/ID.msg   message bytes: LF line endings, not dot-stuffed
     queued/ID.env   JSON envelope (L{smtpauth_relay.envelope.Envelope})
 
@@ -31,9 +32,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpauth_relay.durable import DirectorySync, fsyncDirectory, replaceFile
+from smtpauth_relay.durable import DirectorySync, fsyncDirectory
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
+from smtpauth_relay.filepool import FilePool
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
 from smtpauth_relay.threads import RunInThread
 
@@ -42,25 +44,22 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 log = Logger()
 
 
-def writeFileDurably(
-    directory: str,
-    tmpDirectory: str,
-    name: str,
-    data: bytes,
-    syncDirectory: bool = True,
-) -> None:
+def writeFileFrom(pool: FilePool, data: bytes) -> str:
     """
-    Write C{data} to C{directory/name} atomically: a temp file in
-    C{tmpDirectory} (same file system), fsync, rename, and (unless the
-    caller batches it) fsync of C{directory}.
+    Write C{data} to a file from C{pool} and fsync it.
+
+    @return: its path, for L{FilePool.place} or C{os.replace}.
     """
-    replaceFile(
-        os.path.join(directory, name),
-        data,
-        None,
-        tmpDirectory=tmpDirectory,
-        syncDirectory=syncDirectory,
-    )
+    path, fd = pool.take()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 def newQueueId(now: float) -> str:
@@ -83,7 +82,8 @@ class SpoolWriter:
     def __init__(self, spool: Spool, queueId: str) -> None:
         self.queueId = queueId
         self._spool = spool
-        self._tmpPath = os.path.join(spool.tmpDirectory, queueId + ".msg")
+        # The file being written: from the spool's pool of free files.
+        self._tmpPath: str | None = None
         self._file: Any = None
         self._error: OSError | None = None
         self._pending: list[bytes] = []
@@ -126,9 +126,9 @@ class SpoolWriter:
 
     def _open(self) -> None:
         """
-        Create the temp file; never reuse one (O_EXCL).
+        Take a file to write from the spool's pool.
         """
-        fd = os.open(self._tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._tmpPath, fd = self._spool.files.take()
         self._file = os.fdopen(fd, "wb")
 
     def _writeChunk(self, chunk: bytes) -> None:
@@ -157,26 +157,26 @@ class SpoolWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            # link, not rename: never replace a message already queued
-            # under the same id.
-            messagePath = spool.messagePath(self.queueId)
-            os.link(self._tmpPath, messagePath)
-            self._created.append(messagePath)
-            os.unlink(self._tmpPath)
-            self._created.append(spool._envelopePath(self.queueId))
-            # The queue directory's fsync, which makes the link and the
-            # rename durable, is batched with concurrent commits (commit).
-            writeFileDurably(
-                spool.queuedDirectory,
-                spool.tmpDirectory,
-                self.queueId + ".env",
-                envelope.toJSON(),
-                syncDirectory=False,
-            )
+            self._placeInQueue(spool.messagePath(self.queueId))
+            self._tmpPath = writeFileFrom(spool.files, envelope.toJSON())
+            self._placeInQueue(spool._envelopePath(self.queueId))
+            # The queue directory's fsync, which makes both links durable,
+            # is batched with concurrent commits (commit).
         except OSError as e:
             self._discardInThread()
             raise _spoolError(e, "committing message") from e
         return self.queueId
+
+    def _placeInQueue(self, target: str) -> None:
+        """
+        Give the written file its name in the queue.  C{link}, not
+        C{rename}: never replace a file already queued under that name.
+        """
+        assert self._tmpPath is not None
+        os.link(self._tmpPath, target)
+        self._created.append(target)
+        os.unlink(self._tmpPath)
+        self._tmpPath = None
 
     def _discardInThread(self) -> None:
         if self._file is not None:
@@ -186,7 +186,9 @@ class SpoolWriter:
                 pass
             self._file = None
         # The envelope first: without it the bytes are not a message.
-        for path in [self._tmpPath, *reversed(self._created)]:
+        for path in [*reversed(self._created), self._tmpPath]:
+            if path is None:
+                continue
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -247,6 +249,10 @@ class Spool:
         self.queuedDirectory = os.path.join(directory, "queued")
         self.runInThread = runInThread
         self.directorySync = DirectorySync(self.queuedDirectory, runInThread)
+        self.files = FilePool(os.path.join(directory, "free"), self.tmpDirectory)
+        # Files out of the queue by a durable rename, to be released into
+        # the pool by the next removal's thread (see remove).
+        self._retired: list[str] = []
         self._clock = clock
         self._listeners: list[Callable[[str], object]] = []
         self._lockFile: Any = None
@@ -284,6 +290,8 @@ class Spool:
                 )
                 os.rename(path, os.path.join(corrupt, name))
         fsyncDirectory(self.queuedDirectory)
+        with os.scandir(self.queuedDirectory) as entries:
+            self.files.prepare({entry.inode() for entry in entries})
 
     def _lock(self) -> None:
         """
@@ -347,13 +355,12 @@ class Spool:
         def saveInThread() -> None:
             if not os.path.exists(self.messagePath(envelope.queueId)):
                 raise KeyError(envelope.queueId)
-            writeFileDurably(
-                self.queuedDirectory,
-                self.tmpDirectory,
-                envelope.queueId + ".env",
-                envelope.toJSON(),
-                syncDirectory=False,
-            )
+            written = writeFileFrom(self.files, envelope.toJSON())
+            try:
+                os.replace(written, self._envelopePath(envelope.queueId))
+            except BaseException:
+                os.unlink(written)
+                raise
 
         return self.runInThread(saveInThread).addCallback(
             lambda _: self.directorySync.sync()
@@ -381,18 +388,27 @@ class Spool:
         """
         See L{ISpool.remove}.  The envelope goes first, so a crash half-way
         leaves bytes that L{prepare} cleans, never an envelope without bytes.
+        The files go to the pool of free files; they are handed out again
+        only after the directory's fsync has made their removal durable.
         """
+        released, self._retired = self._retired, []
 
-        def removeInThread() -> None:
+        def removeInThread() -> list[str]:
+            if released:
+                self.files.release(released)
+            retired = []
             for path in (self._envelopePath(queueId), self.messagePath(queueId)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                free = self.files.retire(path)
+                if free is not None:
+                    retired.append(free)
+            return retired
 
-        return self.runInThread(removeInThread).addCallback(
-            lambda _: self.directorySync.sync()
-        )
+        async def removing() -> None:
+            retired = await self.runInThread(removeInThread)
+            await self.directorySync.sync()
+            self._retired.extend(retired)
+
+        return Deferred.fromCoroutine(removing())
 
     def addListener(self, listener: Callable[[str], object]) -> None:
         """

@@ -201,22 +201,24 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         Commit fsyncs the message, the envelope and the queue directory
         before it reports success.
         """
-        synced: list[str] = []
+        synced: list[int] = []
         realFsync = os.fsync
 
         def spyFsync(fd: int) -> None:
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            synced.append(os.fstat(fd).st_ino)
             realFsync(fd)
 
         self.patch(os, "fsync", spyFsync)
         queueId = self.commit()
-        queued = os.path.realpath(os.path.join(self.directory, "queued"))
-        tmp = os.path.realpath(os.path.join(self.directory, "tmp"))
-        self.assertEqual(synced[0], os.path.join(tmp, queueId + ".msg"))
-        self.assertTrue(
-            synced[1].startswith(os.path.join(tmp, "." + queueId + ".env.")), synced
+        queued = os.path.join(self.directory, "queued")
+        self.assertEqual(
+            synced,
+            [
+                os.stat(self.spool.messagePath(queueId)).st_ino,
+                os.stat(os.path.join(queued, queueId + ".env")).st_ino,
+                os.stat(queued).st_ino,
+            ],
         )
-        self.assertEqual(synced[2], queued)
 
     def test_chunkedWrites(self) -> None:
         """
@@ -339,6 +341,109 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         )
         self.assertFalse(failure.value.insufficientStorage)
         self.assertEqual(self.spool.queued(), [])
+
+    def remove(self, queueId: str) -> None:
+        self.successResultOf(self.spool.remove(queueId))
+
+    def inodes(self, queueId: str) -> set[int]:
+        return {
+            os.stat(self.spool.messagePath(queueId)).st_ino,
+            os.stat(self.spool._envelopePath(queueId)).st_ino,
+        }
+
+    def test_filesReused(self) -> None:
+        """
+        The files of a delivered message are written again for later
+        messages, emptied first (no new inode per message, and no delivered
+        mail left in them); C{tmp/} stays empty.
+        """
+        first = self.commit(b"first message\n")
+        firstInodes = self.inodes(first)
+        self.remove(first)
+        free = os.path.join(self.directory, "free")
+        self.assertEqual(len(os.listdir(free)), 2)
+        # Released by the next removal's trip to the thread.
+        second = self.commit(b"second\n")
+        self.remove(second)
+        sizes = {}
+        for name in os.listdir(free):
+            st = os.stat(os.path.join(free, name))
+            sizes[st.st_ino] = st.st_size
+        self.assertEqual({sizes[inode] for inode in firstInodes}, {0})
+        third = self.commit(b"third\n")
+        self.assertEqual(self.inodes(third), firstInodes)
+        self.assertEqual(self.messageOf(third), b"third\n")
+        self.assertEqual(self.spool.load(third), envelopeFor(third))
+        self.assertEqual(os.listdir(os.path.join(self.directory, "tmp")), [])
+        self.assertEqual(self.spool.files.reused, 2)
+
+    def test_notReusedBeforeRemovalIsDurable(self) -> None:
+        """
+        The files of a removed message are not written again until the
+        queue directory's fsync has made the removal durable: a crash can
+        never leave a queued name on a rewritten file.
+        """
+        pending: list[Deferred[None]] = []
+        realRunner = self.runner
+
+        class HeldSync:
+            def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+                if f is spoolModule.fsyncDirectory:
+                    d: Deferred[None] = Deferred()
+                    pending.append(d)
+                    return d
+                return realRunner(f, *args)
+
+        self.spool.directorySync = DirectorySync(self.spool.queuedDirectory, HeldSync())
+        self.spool.runInThread = realRunner
+        writer = self.spool.newMessage()
+        writer.write(b"one\n")
+        committing = writer.commit(envelopeFor(writer.queueId))
+        pending.pop().callback(None)
+        queueId = self.successResultOf(committing)
+        removed = self.spool.remove(queueId)
+        self.assertNoResult(removed)
+        # The removal's fsync has not happened: a new message and another
+        # removal get new files, not the removed message's.
+        writer = self.spool.newMessage()
+        writer.write(b"two\n")
+        committing = writer.commit(envelopeFor(writer.queueId))
+        self.assertEqual(self.spool.files.reused, 0)
+        for d in pending:
+            d.callback(None)
+        pending.clear()
+        self.successResultOf(removed)
+        self.successResultOf(committing)
+        self.assertEqual(self.spool.files.reused, 0)
+
+    def test_crashBetweenLinkAndUnlink(self) -> None:
+        """
+        A free file that is also queued (a crash after the link into the
+        queue, before the unlink of its free name) only loses its free name
+        at start; the queued message is intact.
+        """
+        queueId = self.commit(b"kept\n")
+        free = os.path.join(self.directory, "free")
+        os.link(self.spool.messagePath(queueId), os.path.join(free, "stale"))
+        with open(os.path.join(free, "used"), "wb") as f:
+            f.write(b"old delivered mail")
+        self.spool.prepare()
+        self.assertEqual(self.messageOf(queueId), b"kept\n")
+        self.assertEqual(os.listdir(free), ["used"])
+        self.assertEqual(os.path.getsize(os.path.join(free, "used")), 0)
+        self.assertEqual(len(self.spool.files), 1)
+
+    def test_poolBounded(self) -> None:
+        """
+        At most C{keep} free files are kept; the files of later removals
+        are deleted.
+        """
+        self.spool.files.keep = 2
+        ids = [self.commit() for _ in range(3)]
+        for queueId in ids:
+            self.remove(queueId)
+        self.spool.prepare()
+        self.assertEqual(len(os.listdir(os.path.join(self.directory, "free"))), 2)
 
     def test_orderOfQueue(self) -> None:
         """

@@ -1,0 +1,144 @@
+"""
+Empty files kept for reuse by the spool (C{free/}).
+
+Every accepted message used to cost two new inodes (its bytes and its
+envelope) and every delivered one two deletions.  Under load, allocating an
+inode is the expensive part of a commit: the file system scans its inode
+bitmap past every recently freed inode of the directory's group (ext4's
+C{find_inode_bit}/C{recently_deleted} was 38 % of the spool threads' time at
+64 sessions, see C{bench/README.md}), and the directory's lock serialises
+the threads creating and unlinking.  Files of delivered messages are
+therefore truncated and kept in C{free/}, up to L{FilePool.keep} of them,
+and the next messages are written into them: no allocation, no deletion.
+
+A file leaves C{queued/} for C{free/} by C{rename} (atomic), and becomes
+free for reuse (truncated, handed out again) only after the queue
+directory's fsync has made that rename durable: a crash can never leave a
+queued name on a file that was truncated or rewritten.  It enters the queue
+by C{link} then C{unlink} of its C{free/} name; a crash between the two
+leaves a C{free/} name on a queued file, which L{FilePool.prepare}
+recognises by its inode and only unlinks.
+
+All methods run in the spool's threads (L{FilePool.prepare} at start);
+the list of free names is a L{collections.deque}, whose C{append} and
+C{pop} are atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections import deque
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class FilePool:
+    """
+    Empty files in C{directory}, handed out for writing and taken back
+    (truncated) when their message leaves the queue.
+
+    @ivar keep: at most this many files are kept; more are deleted.
+    """
+
+    keep = 8192
+
+    def __init__(self, directory: str, tmpDirectory: str) -> None:
+        """
+        @param directory: where free files are kept (C{free/}).
+        @param tmpDirectory: where new files are created when none is free;
+            both on the spool's file system.
+        """
+        self.directory = directory
+        self.tmpDirectory = tmpDirectory
+        self._free: deque[str] = deque()
+        self.created = 0
+        """Files created because none was free (for tests and benchmarks)."""
+        self.reused = 0
+        """Files handed out from the pool (for tests and benchmarks)."""
+
+    def prepare(self, queued: set[int]) -> None:
+        """
+        Create the directory and take stock of it after a crash: a name
+        whose inode is also queued is unlinked, a file with content is
+        truncated, and at most L{keep} files are kept.  Blocking; call at
+        start, before anything is written.
+
+        @param queued: the inode numbers of the files in the queue.
+        """
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        self._free.clear()
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if entry.inode() in queued or len(self._free) >= self.keep:
+                os.unlink(entry.path)
+                continue
+            if entry.stat(follow_symlinks=False).st_size:
+                os.truncate(entry.path, 0)
+            self._free.append(entry.name)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self) -> tuple[str, int]:
+        """
+        A file to write, open for writing and empty: a free one, or a new
+        one in C{tmpDirectory}.
+
+        @return: its path and a file descriptor the caller closes.
+        """
+        while True:
+            try:
+                name = self._free.pop()
+            except IndexError:
+                break
+            path = os.path.join(self.directory, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            except FileNotFoundError:
+                continue
+            self.reused += 1
+            return path, fd
+        path = os.path.join(self.tmpDirectory, f"{secrets.token_hex(8)}.new")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.created += 1
+        return path, fd
+
+    def retire(self, path: str) -> str | None:
+        """
+        Take the file at C{path} out of the queue: renamed into the pool,
+        or deleted when the pool is full.  It is not handed out before
+        L{release}, which the caller calls once the rename is durable.
+
+        @return: the file's new path, for L{release}; L{None} if it was
+            deleted or is missing.
+        """
+        if len(self._free) >= self.keep:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return None
+        free = os.path.join(self.directory, secrets.token_hex(8))
+        try:
+            os.rename(path, free)
+        except FileNotFoundError:
+            return None
+        return free
+
+    def release(self, paths: list[str]) -> None:
+        """
+        Make retired files (see L{retire}) available: truncated, so that
+        delivered mail does not linger in them, and handed out by L{take}.
+        """
+        for path in paths:
+            try:
+                os.truncate(path, 0)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                # Left as it is: prepare truncates it at the next start.
+                log.warn("could not truncate {path}: {error}", path=path, error=e)
+                continue
+            self._free.append(os.path.basename(path))
