@@ -62,6 +62,9 @@ class UpstreamScript:
     errorChallenge: bool = False
     authReplies: list[bytes] = field(default_factory=list)
     finishResponses: list[bytes] = field(default_factory=list)
+    dataForNobody: bool = False
+    chunks: list[bytes] = field(default_factory=list)
+    """What arrived in each read: commands written together arrive together."""
 
 
 class FakeUpstream(LineOnlyReceiver):
@@ -82,6 +85,10 @@ class FakeUpstream(LineOnlyReceiver):
         self.script.connections += 1
         if not self.script.silent:
             self.sendLine(self.script.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.script.chunks.append(data)
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self.script.silent:
@@ -147,7 +154,9 @@ class FakeUpstream(LineOnlyReceiver):
             self.sendLine(reply)
         elif verb == b"RCPT":
             address = line.split(b"<", 1)[1].rstrip(b">")
-            if address.startswith(b"tempfail"):
+            if self.current is None:
+                self.sendLine(b"503 5.5.1 Error: need MAIL command")
+            elif address.startswith(b"tempfail"):
                 self.sendLine(b"451 4.2.0 Try again later")
             elif address.startswith(b"reject"):
                 self.sendLine(b"550 5.1.1 No such user")
@@ -156,6 +165,13 @@ class FakeUpstream(LineOnlyReceiver):
                 self.current.recipients.append(address)
                 self.sendLine(b"250 2.1.5 Ok")
         elif verb == b"DATA":
+            if not (self.current and self.current.recipients) and not (
+                self.script.dataForNobody
+            ):
+                self.sendLine(b"554 5.5.1 Error: no valid recipients")
+                return
+            if self.current is None:
+                self.current = Transaction()
             self.inData = self.script.dataStartReply.startswith(b"354")
             self.sendLine(self.script.dataStartReply)
         elif verb == b"RSET":

@@ -12,6 +12,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpauth_relay.delivery import client as clientModule
 from smtpauth_relay.delivery.client import (
     ClientSettings,
     Outbound,
@@ -227,6 +228,8 @@ class DotStuffingTests(PoolTestCase):
         filler = b"x" * (chunk - len(head) - 1) + b"\n"
         body = head + filler + b".\n" + b"after the dot\n"
         self.assertEqual(body[chunk : chunk + 1], b".")
+        # Sent in chunks, as a message larger than SMALL_MESSAGE is.
+        self.patch(clientModule, "SMALL_MESSAGE", 0)
         pool = self.pool()
         d = self.send(pool, envelope(), body)
         self.connector.flush()
@@ -237,8 +240,9 @@ class DotStuffingTests(PoolTestCase):
 class ReuseTests(PoolTestCase):
     def test_oneConnectionForSeveralMessages(self) -> None:
         """
-        Messages queued together go over one connection, with RSET between
-        transactions, and the connection is closed with QUIT after the
+        Messages queued together go over one connection, one transaction
+        after the other (no RSET after a transaction that ended with the
+        reply to its data), and the connection is closed with QUIT after the
         linger time.
         """
         pool = self.pool()
@@ -249,7 +253,9 @@ class ReuseTests(PoolTestCase):
             self.assertEqual(self.successResultOf(d).delivered, ("bob@example.net",))
         self.assertEqual(self.script.connections, 1)
         self.assertEqual(len(self.script.transactions), 5)
-        self.assertEqual(self.script.commands.count(b"RSET"), 5)
+        self.assertEqual(self.script.commands.count(b"RSET"), 0)
+        mails = [c for c in self.script.commands if c.startswith(b"MAIL FROM:")]
+        self.assertEqual(len(mails), 5)
         self.assertNotIn(b"QUIT", self.script.commands)
         self.clock.advance(2)
         self.connector.flush()
@@ -300,18 +306,22 @@ class ReuseTests(PoolTestCase):
 
     def test_rsetRefusedEndsConnection(self) -> None:
         """
-        An upstream refusing RSET gets the connection closed, not an endless
-        RSET loop; the next message goes over a new connection.
+        A transaction that ends before the data (here: no recipient
+        accepted) is followed by RSET.  An upstream refusing it gets the
+        connection closed, not an endless RSET loop; the next message goes
+        over a new connection.
         """
         self.script.rsetReply = b"500 5.5.1 What?"
         pool = self.pool()
         pool.maxConnections = 1
         first = self.send(pool, envelope("Q1"))
-        second = self.send(pool, envelope("Q2"))
+        second = self.send(pool, envelope("Q2", "reject@example.net"))
+        third = self.send(pool, envelope("Q3"))
         self.connector.flush()
-        self.successResultOf(first)
-        self.successResultOf(second)
-        self.assertEqual(self.script.commands.count(b"RSET"), 2)
+        self.assertEqual(self.successResultOf(first).delivered, ("bob@example.net",))
+        self.assertEqual(self.successResultOf(second).delivered, ())
+        self.assertEqual(self.successResultOf(third).delivered, ("bob@example.net",))
+        self.assertEqual(self.script.commands.count(b"RSET"), 1)
         self.assertEqual(self.script.connections, 2)
 
 
@@ -615,3 +625,141 @@ class MisbehavingUpstreamTests(PoolTestCase):
             if d.called and not isinstance(d.result, DeliveryReport):
                 self.failureResultOf(d, UpstreamError)
         self.assertLessEqual(self.script.connections, 2)
+
+
+class PipelinedMixin:
+    """
+    The same tests against an upstream that offers PIPELINING (RFC 2920):
+    MAIL, the RCPTs and DATA are sent together and their replies read in
+    order.
+    """
+
+    script: UpstreamScript
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        self.script.extensions.append(b"PIPELINING")
+
+
+class PipelinedDeliveryTests(PipelinedMixin, DeliveryTests):
+    def test_noRecipientAccepted(self) -> None:
+        """
+        With no recipient accepted, the pipelined DATA is refused by the
+        upstream; each recipient has its own RCPT reply.
+        """
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "reject@example.net"))
+        self.connector.flush()
+        report = self.successResultOf(d)
+        self.assertEqual(
+            report.failed, {"reject@example.net": "550 5.1.1 No such user"}
+        )
+        self.assertEqual(self.script.transactions, [])
+
+
+class PipelinedDotStuffingTests(PipelinedMixin, DotStuffingTests):
+    pass
+
+
+class PipelinedMisbehavingUpstreamTests(PipelinedMixin, MisbehavingUpstreamTests):
+    pass
+
+
+class PipeliningTests(PipelinedMixin, PoolTestCase):
+    def test_roundTrips(self) -> None:
+        """
+        A message costs two round trips: MAIL, RCPTs and DATA in one write,
+        then the message and its final dot in one write.  The next message
+        follows without RSET.
+        """
+        pool = self.pool()
+        pool.maxConnections = 1
+        first = self.send(pool, envelope("Q1", "a@example.net", "b@example.net"))
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.assertEqual(
+            self.successResultOf(first).delivered, ("a@example.net", "b@example.net")
+        )
+        self.assertEqual(self.successResultOf(second).delivered, ("bob@example.net",))
+        transactions = [c for c in self.script.chunks if c.startswith(b"MAIL ")]
+        self.assertEqual(len(transactions), 2)
+        self.assertRegex(
+            transactions[0],
+            rb"^MAIL FROM:<alice@example.org>[^\r]*\r\n"
+            rb"RCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n$",
+        )
+        bodies = [c for c in self.script.chunks if c.startswith(b"Subject:")]
+        self.assertEqual(bodies, [b"Subject: hi\r\n\r\nhello\r\n.\r\n"] * 2)
+        self.assertNotIn(b"RSET", self.script.commands)
+
+    def test_withoutPipelining(self) -> None:
+        """
+        An upstream that does not offer PIPELINING gets one command at a
+        time.
+        """
+        self.script.extensions.remove(b"PIPELINING")
+        pool = self.pool()
+        d = self.send(pool, envelope("Q1", "a@example.net", "b@example.net"))
+        self.connector.flush()
+        self.successResultOf(d)
+        mail = [c for c in self.script.chunks if c.startswith(b"MAIL ")]
+        self.assertEqual(len(mail), 1)
+        self.assertNotIn(b"RCPT", mail[0])
+        self.assertIn(b"RCPT TO:<a@example.net>\r\n", self.script.chunks)
+
+    def test_dataOpenedForNobody(self) -> None:
+        """
+        An upstream that answers 354 although no recipient was accepted gets
+        an empty message (a lone dot), the RCPT refusals are reported, and
+        the connection goes on (after RSET) with the next message.
+        """
+        self.script.dataForNobody = True
+        pool = self.pool()
+        pool.maxConnections = 1
+        refused = self.send(pool, envelope("Q1", "reject@example.net"))
+        accepted = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.assertEqual(
+            self.successResultOf(refused).failed,
+            {"reject@example.net": "550 5.1.1 No such user"},
+        )
+        self.assertEqual(self.successResultOf(accepted).delivered, ("bob@example.net",))
+        self.assertEqual(self.script.transactions[0].data, b"")
+        self.assertEqual(self.script.commands.count(b"RSET"), 1)
+        self.assertEqual(self.script.connections, 1)
+
+    def test_senderRefusedThenNext(self) -> None:
+        """
+        After a refused MAIL the replies to the pipelined RCPTs and DATA
+        are read and dropped; the next message starts cleanly after RSET.
+        """
+        self.script.mailReply = b"452 4.3.1 Insufficient system storage"
+        pool = self.pool()
+        pool.maxConnections = 1
+        first = self.send(pool, envelope("Q1", "a@example.net"))
+        self.connector.flush()
+        self.assertEqual(
+            self.successResultOf(first).deferred,
+            {"a@example.net": "452 4.3.1 Insufficient system storage"},
+        )
+        self.script.mailReply = b"250 2.1.0 Ok"
+        second = self.send(pool, envelope("Q2"))
+        self.connector.flush()
+        self.assertEqual(self.successResultOf(second).delivered, ("bob@example.net",))
+        self.assertEqual(self.script.connections, 1)
+
+    def test_largeMessageInChunks(self) -> None:
+        """
+        A message over SMALL_MESSAGE is sent in chunks, not read whole.
+        """
+        body = b"Subject: big\n\n" + (b"y" * 999 + b"\n") * 100
+        self.assertGreater(len(body), clientModule.SMALL_MESSAGE)
+        pool = self.pool()
+        d = self.send(pool, envelope(), body)
+        self.connector.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.script.transactions[0].data, body.replace(b"\n", b"\r\n"))
+        self.assertEqual(
+            [c for c in self.script.chunks if c.startswith(b"Subject:")],
+            [body[: 2**14].replace(b"\n", b"\r\n")],
+        )

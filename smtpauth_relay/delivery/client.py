@@ -5,9 +5,14 @@ several queued messages over one connection and to report per recipient.
 What it adds to (or mends in) twisted.mail's client:
 
   - messages come from an L{OutboundQueue} shared by the connections to one
-    destination; after each message the client sends RSET and takes the
-    next, and only QUITs when the queue stays empty (a burst does not open a
+    destination; after each message the client takes the next (with RSET
+    first when the transaction did not end with the reply to the data), and
+    only QUITs when the queue stays empty (a burst does not open a
     connection per message);
+  - with a server that offers PIPELINING (RFC 2920), MAIL, the RCPTs and
+    DATA go out in one write and their replies are read in order; a small
+    message goes out with its final dot in one write: two round trips per
+    message instead of five or more;
   - each message's outcome is a L{DeliveryReport}: 2xx, 4xx and 5xx per
     recipient (RCPT replies, then the reply to the data), so only the 4xx
     ones are retried;
@@ -65,6 +70,8 @@ RESPONSE_TIMEOUT = 300
 """Seconds to wait for any one reply (RFC 5321 4.5.3.2: 5 minutes)."""
 DATA_TERMINATION_TIMEOUT = 600
 """Seconds to wait for the reply to the final dot (RFC 5321 4.5.3.2.6)."""
+SMALL_MESSAGE = 64 * 1024
+"""Messages up to this size are read and written in one piece."""
 
 
 class UpstreamError(Exception):
@@ -286,6 +293,11 @@ class RelayClient(smtp.ESMTPClient):
         self._waiting = False
         self._dataSent = False
         self._deadlineCall: Any = None
+        self._size = 0
+        # Replies still due for a pipelined MAIL, RCPTs and DATA: "MAIL",
+        # then one recipient per RCPT, then "DATA".
+        self._pipeline: list[str] = []
+        self._mailRefused: tuple[int, bytes] | None = None
         # Twisted's client reads these before it first sets them when the
         # first MAIL FROM is refused.
         self.successAddresses: list[str] = []
@@ -460,10 +472,88 @@ class RelayClient(smtp.ESMTPClient):
             )
             self.smtpState_from(-1, b"")
             return
-        params = mailFromParameters(outbound, self.extensions, size)
-        self.sendLine(b"MAIL FROM:" + smtp.quoteaddr(self._from) + params)
-        self._expected = [250]
-        self._okresponse = self.smtpState_to
+        self._size = size
+        mail = b"MAIL FROM:" + smtp.quoteaddr(self._from)
+        mail += mailFromParameters(outbound, self.extensions, size)
+        if b"PIPELINING" not in self.extensions:
+            self.sendLine(mail)
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+            return
+        recipients = self.getMailTo()
+        commands = [mail]
+        commands += [b"RCPT TO:" + smtp.quoteaddr(r) for r in recipients]
+        commands.append(b"DATA")
+        self.transport.write(b"".join(c + b"\r\n" for c in commands))
+        self._pipeline = ["MAIL", *recipients, "DATA"]
+        self._mailRefused = None
+        self.toAddressesResult = []
+        self.successAddresses = []
+        self._expected = range(0, 1000)  # type: ignore[assignment]
+        self._okresponse = self._failresponse = self._pipelinedReply
+
+    def _pipelinedReply(self, code: int, resp: bytes) -> None:
+        """
+        The next reply to a pipelined MAIL, RCPT or DATA (RFC 2920: in the
+        order of the commands).  A refused MAIL is every recipient's answer
+        (the RCPT and DATA replies after it are only read); the message is
+        sent after a 354 if MAIL and at least one RCPT were accepted.
+        """
+        step = self._pipeline.pop(0)
+        if step == "MAIL":
+            if code != 250:
+                self._mailRefused = (code, resp)
+            return
+        if step != "DATA":
+            if self._mailRefused is None:
+                self.toAddressesResult.append((step, code, resp))
+                if 200 <= code < 300:
+                    self.successAddresses.append(step)
+            return
+        # The outcome if there is nothing to send: the refused MAIL, or
+        # (as Twisted's client reports it) the last refused RCPT.
+        refusal: tuple[int, bytes] | None = self._mailRefused
+        if refusal is not None:
+            self.toAddressesResult = []
+            self.successAddresses = []
+        elif not self.successAddresses:
+            refusal = self.toAddressesResult[-1][1:]
+        if refusal is None:
+            if code == 354:
+                self.smtpState_data(code, resp)
+            else:
+                self.smtpTransferFailed(code, resp)
+        elif code == 354:
+            # A server that opened the data phase for nobody: close it with
+            # an empty message, then report the refusal.
+            self.sendLine(b".")
+            self._okresponse = self._failresponse = lambda c, r: (
+                self.smtpTransferFailed(*refusal)
+            )
+        else:
+            self.smtpTransferFailed(*refusal)
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        """
+        Send the message: a small one in one write with its final dot,
+        a larger one in chunks (Twisted's file transfer).
+        """
+        self._failresponse = self.smtpTransferFailed
+        if self._size > SMALL_MESSAGE:
+            smtp.ESMTPClient.smtpState_data(self, code, resp)
+            return
+        try:
+            data = self.getMailData().read()
+        except OSError as e:
+            self.sendError(e)
+            return
+        data = self.transformChunk(data)
+        end = b".\r\n" if not data or data.endswith(b"\n") else b"\r\n.\r\n"
+        self.transport.write(data + end)
+        self._dataSent = True
+        self.setTimeout(DATA_TERMINATION_TIMEOUT)
+        self._expected = list(range(200, 300))
+        self._okresponse = self.smtpState_msgSent
 
     def getMailTo(self) -> list[str]:
         assert self.current is not None
@@ -516,10 +606,13 @@ class RelayClient(smtp.ESMTPClient):
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
         """
-        The transaction is over: report it, then RSET for the next one.  A
-        refused RSET ends the connection (Twisted's client would answer it
-        with another RSET, for ever).
+        The transaction is over: report it, then take the next one.  The
+        reply to the data ends a transaction (RFC 5321 4.1.1.4); any other
+        end (a refused MAIL, no recipient, a refused DATA) is followed by
+        RSET.  A refused RSET ends the connection (Twisted's client would
+        answer it with another RSET, for ever).
         """
+        finished = self._dataSent
         if self._from is not None:
             self.sentMail(
                 code, resp, len(self.successAddresses), self.toAddressesResult, self.log
@@ -527,6 +620,9 @@ class RelayClient(smtp.ESMTPClient):
         self.toAddressesResult = []
         self.successAddresses = []
         self._from = None
+        if finished:
+            self.smtpState_from(code, resp)
+            return
         self.sendLine(b"RSET")
         self._expected = list(range(200, 300))
         self._okresponse = self.smtpState_from
