@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
 
 
 def fsyncDirectory(path: str) -> None:
@@ -87,18 +90,23 @@ class DirectorySync:
         """
         self.path = path
         self._runInThread = runInThread
-        self._waiting: list[Deferred[None]] = []
+        self._waiting: list[tuple[Deferred[Any], Callable[[], Any] | None]] = []
         self._running = False
         self.syncs = 0
         """How many fsyncs were run (for tests and benchmarks)."""
 
-    def sync(self) -> Deferred[None]:
+    def sync(self, work: Callable[[], _T] | None = None) -> Deferred[_T | None]:
         """
-        @return: a L{Deferred} that fires once an fsync of the directory that
-            started after this call has completed (or fails with its error).
+        @param work: file operations in the directory (renames, unlinks) to
+            run in the batch's thread trip just before its fsync, so that a
+            caller needs no trip of its own.  Its exception fails only this
+            caller.
+        @return: a L{Deferred} that fires, with C{work}'s result, once an
+            fsync of the directory that started after this call has
+            completed (or fails with its error).
         """
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
+        d: Deferred[Any] = Deferred()
+        self._waiting.append((d, work))
         if not self._running:
             self._start()
         return d
@@ -108,14 +116,25 @@ class DirectorySync:
         self._running = True
         self.syncs += 1
 
-        def done(result: object) -> None:
+        def syncBatch() -> list[object]:
+            results: list[object] = []
+            for _, work in batch:
+                try:
+                    results.append(work() if work is not None else None)
+                except Exception:
+                    results.append(Failure())
+            fsyncDirectory(self.path)
+            return results
+
+        def done(outcome: list[object] | Failure) -> None:
             self._running = False
-            for d in batch:
+            for i, (d, _) in enumerate(batch):
+                result = outcome if isinstance(outcome, Failure) else outcome[i]
                 if isinstance(result, Failure):
                     d.errback(result)
                 else:
-                    d.callback(None)
+                    d.callback(result)
             if self._waiting:
                 self._start()
 
-        self._runInThread(fsyncDirectory, self.path).addBoth(done)
+        self._runInThread(syncBatch).addBoth(done)

@@ -156,6 +156,13 @@ class ISpool(Interface):
         @raise KeyError: if there is no such message.
         """
 
+    def recent(queueId: str) -> Envelope | None:
+        """
+        The envelope of a message this process has just committed, from
+        memory and only once (for its first delivery attempt, without
+        reading it back); L{None} if it is not at hand (then L{load} it).
+        """
+
     def messagePath(queueId: str) -> str:
         """
         The path of the message bytes of a committed message.

@@ -227,7 +227,9 @@ class QueueRunner(Service):
 
     async def _deliver(self, queueId: str) -> float | None:
         try:
-            envelope = await self._runInThread(self.spool.load, queueId)
+            envelope = self.spool.recent(queueId) or await self._runInThread(
+                self.spool.load, queueId
+            )
         except KeyError:
             return None
         except ValueError as e:

@@ -215,7 +215,7 @@ class SpoolWriter:
         except OSError as e:
             await self._then(self._discardInThread)
             raise _spoolError(e, "committing message") from e
-        self._spool._committed(queueId)
+        self._spool._committed(queueId, envelope)
         return queueId
 
     def abort(self) -> Deferred[None]:
@@ -237,6 +237,8 @@ class Spool:
     """
 
     chunkSize = 256 * 1024
+    recentLimit = 10_000
+    """At most this many committed envelopes are kept for L{recent}."""
 
     def __init__(
         self,
@@ -253,6 +255,8 @@ class Spool:
         # Files out of the queue by a durable rename, to be released into
         # the pool by the next removal's thread (see remove).
         self._retired: list[str] = []
+        # Envelopes just committed, for the first delivery attempt.
+        self._recent: dict[str, Envelope] = {}
         self._clock = clock
         self._listeners: list[Callable[[str], object]] = []
         self._lockFile: Any = None
@@ -338,6 +342,12 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(queueId) from None
 
+    def recent(self, queueId: str) -> Envelope | None:
+        """
+        See L{ISpool.recent}.
+        """
+        return self._recent.pop(queueId, None)
+
     def messagePath(self, queueId: str) -> str:
         """
         See L{ISpool.messagePath}.
@@ -351,6 +361,7 @@ class Spool:
         """
         See L{ISpool.saveEnvelope}.
         """
+        self._recent.pop(envelope.queueId, None)
 
         def saveInThread() -> None:
             if not os.path.exists(self.messagePath(envelope.queueId)):
@@ -370,6 +381,7 @@ class Spool:
         """
         See L{ISpool.quarantine}.
         """
+        self._recent.pop(queueId, None)
 
         def quarantineInThread() -> None:
             corrupt = os.path.join(self.directory, "corrupt")
@@ -391,6 +403,7 @@ class Spool:
         The files go to the pool of free files; they are handed out again
         only after the directory's fsync has made their removal durable.
         """
+        self._recent.pop(queueId, None)
         released, self._retired = self._retired, []
 
         def removeInThread() -> list[str]:
@@ -404,8 +417,10 @@ class Spool:
             return retired
 
         async def removing() -> None:
-            retired = await self.runInThread(removeInThread)
-            await self.directorySync.sync()
+            # The renames ride with the batch's directory fsync: one trip
+            # to a thread for all the removals of a batch.
+            retired = await self.directorySync.sync(removeInThread)
+            assert retired is not None
             self._retired.extend(retired)
 
         return Deferred.fromCoroutine(removing())
@@ -416,7 +431,9 @@ class Spool:
         """
         self._listeners.append(listener)
 
-    def _committed(self, queueId: str) -> None:
+    def _committed(self, queueId: str, envelope: Envelope) -> None:
+        if len(self._recent) < self.recentLimit:
+            self._recent[queueId] = envelope
         for listener in self._listeners:
             try:
                 listener(queueId)

@@ -122,6 +122,12 @@ class MemorySpool:
     def load(self, queueId: str) -> Envelope:
         return self.messages[queueId][0]
 
+    def recent(self, queueId: str) -> Envelope | None:
+        """
+        Nothing is remembered apart: L{load} reads memory anyway.
+        """
+        return None
+
     def messagePath(self, queueId: str) -> str:
         return f"memory:{queueId}"
 

@@ -245,6 +245,28 @@ class DiskQueueTestCase(SynchronousTestCase):
         self.agent.calls[index][2].callback(report)
 
 
+class EnvelopeReadingTests(DiskQueueTestCase):
+    def test_firstAttemptFromMemory(self) -> None:
+        """
+        The first attempt takes the envelope just committed from memory; a
+        retry reads it from the spool, with its attempts.
+        """
+        loads: list[str] = []
+        realLoad = self.spool.load
+
+        def spyLoad(queueId: str) -> Envelope:
+            loads.append(queueId)
+            return realLoad(queueId)
+
+        self.patch(self.spool, "load", spyLoad)
+        queueId = self.queue()
+        self.answer(0, DeliveryReport(deferred={"bob@example.net": "451 later"}))
+        self.assertEqual(loads, [])
+        self.clock.advance(60)
+        self.assertEqual(loads, [queueId])
+        self.assertEqual(len(self.agent.calls[1][0].attempts), 1)
+
+
 class BounceTests(DiskQueueTestCase):
     def test_permanentFailureBounced(self) -> None:
         """
@@ -442,6 +464,8 @@ class RobustnessTests(DiskQueueTestCase):
         """
         queueId = self.queue()
         self.successResultOf(self.runner.stopService())
+        # As after a restart: the envelope just committed is not in memory.
+        self.spool.recent(queueId)
         with open(self.spool._envelopePath(queueId), "w") as f:
             f.write("{ not json")
         runner = QueueRunner(self.spool, self.agent, self.clock)

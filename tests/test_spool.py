@@ -178,7 +178,9 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
     def test_fileWorkInThreads(self) -> None:
         """
         Writing, committing, saving and removing all go through
-        C{runInThread}, never the caller's (reactor) thread.
+        C{runInThread}, never the caller's (reactor) thread.  The queue
+        directory's fsync runs in batches (C{syncBatch}), and a removal's
+        renames ride with one.
         """
         queueId = self.commit()
         self.successResultOf(self.spool.saveEnvelope(self.spool.load(queueId)))
@@ -188,11 +190,10 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
             names,
             [
                 "_commitInThread",
-                "fsyncDirectory",
+                "syncBatch",
                 "saveInThread",
-                "fsyncDirectory",
-                "removeInThread",
-                "fsyncDirectory",
+                "syncBatch",
+                "syncBatch",
             ],
         )
 
@@ -383,38 +384,25 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         queue directory's fsync has made the removal durable: a crash can
         never leave a queued name on a rewritten file.
         """
-        pending: list[Deferred[None]] = []
-        realRunner = self.runner
+        availableAtFsync: list[int] = []
+        realFsync = durable.fsyncDirectory
 
-        class HeldSync:
-            def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-                if f is spoolModule.fsyncDirectory:
-                    d: Deferred[None] = Deferred()
-                    pending.append(d)
-                    return d
-                return realRunner(f, *args)
+        def spyFsync(path: str) -> None:
+            # What another spool thread could take from the pool while the
+            # removal's renames are not durable yet.
+            availableAtFsync.append(len(self.spool.files))
+            realFsync(path)
 
-        self.spool.directorySync = DirectorySync(self.spool.queuedDirectory, HeldSync())
-        self.spool.runInThread = realRunner
-        writer = self.spool.newMessage()
-        writer.write(b"one\n")
-        committing = writer.commit(envelopeFor(writer.queueId))
-        pending.pop().callback(None)
-        queueId = self.successResultOf(committing)
-        removed = self.spool.remove(queueId)
-        self.assertNoResult(removed)
-        # The removal's fsync has not happened: a new message and another
-        # removal get new files, not the removed message's.
-        writer = self.spool.newMessage()
-        writer.write(b"two\n")
-        committing = writer.commit(envelopeFor(writer.queueId))
-        self.assertEqual(self.spool.files.reused, 0)
-        for d in pending:
-            d.callback(None)
-        pending.clear()
-        self.successResultOf(removed)
-        self.successResultOf(committing)
-        self.assertEqual(self.spool.files.reused, 0)
+        self.patch(durable, "fsyncDirectory", spyFsync)
+        first, second = self.commit(), self.commit()
+        self.remove(first)
+        self.assertEqual(availableAtFsync[-1], 0)
+        self.assertEqual(len(self.spool.files), 0)
+        # The next removal's batch releases the first one's files.
+        self.remove(second)
+        self.assertEqual(len(self.spool.files), 2)
+        self.commit()
+        self.assertEqual(self.spool.files.reused, 2)
 
     def test_crashBetweenLinkAndUnlink(self) -> None:
         """
@@ -444,6 +432,29 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
             self.remove(queueId)
         self.spool.prepare()
         self.assertEqual(len(os.listdir(os.path.join(self.directory, "free"))), 2)
+
+    def test_recentEnvelope(self) -> None:
+        """
+        The envelope of a message just committed is at hand once, without
+        reading it back; a saved or removed message's is not.
+        """
+        queueId = self.commit()
+        self.assertEqual(self.spool.recent(queueId), envelopeFor(queueId))
+        self.assertIsNone(self.spool.recent(queueId))
+        saved, removed = self.commit(), self.commit()
+        self.successResultOf(self.spool.saveEnvelope(self.spool.load(saved)))
+        self.remove(removed)
+        self.assertIsNone(self.spool.recent(saved))
+        self.assertIsNone(self.spool.recent(removed))
+
+    def test_recentBounded(self) -> None:
+        """
+        Envelopes nobody took are not kept without bound.
+        """
+        self.spool.recentLimit = 2
+        ids = [self.commit() for _ in range(3)]
+        self.assertIsNone(self.spool.recent(ids[2]))
+        self.assertEqual(self.spool.recent(ids[0]), envelopeFor(ids[0]))
 
     def test_orderOfQueue(self) -> None:
         """
@@ -488,44 +499,66 @@ class DirectorySyncTests(SynchronousTestCase):
         commits during one fsync cost two fsyncs in all, and each caller
         hears only after an fsync that started after it asked.
         """
-        pending: list[Deferred[None]] = []
+        pending: list[tuple[Deferred[object], Any]] = []
 
-        def runInThread(f: object, *args: object) -> Deferred[None]:
-            d: Deferred[None] = Deferred()
-            pending.append(d)
+        def runInThread(f: Any, *args: object) -> Deferred[object]:
+            d: Deferred[object] = Deferred()
+            pending.append((d, f))
             return d
 
-        sync = DirectorySync("/nonexistent", runInThread)
+        def runBatch(i: int) -> None:
+            d, f = pending[i]
+            d.callback(f())
+
+        sync = DirectorySync(self.mktemp(), runInThread)
+        os.mkdir(sync.path)
         first = sync.sync()
         self.assertEqual(len(pending), 1)
-        second, third = sync.sync(), sync.sync()
+        second, third = sync.sync(), sync.sync(lambda: "renamed")
         self.assertEqual(len(pending), 1)
-        pending[0].callback(None)
+        runBatch(0)
         self.successResultOf(first)
         self.assertNoResult(second)
         self.assertEqual(len(pending), 2)
-        pending[1].callback(None)
+        runBatch(1)
         self.successResultOf(second)
-        self.successResultOf(third)
+        self.assertEqual(self.successResultOf(third), "renamed")
         self.assertEqual(sync.syncs, 2)
+
+    def test_workFailureIsItsCallersOnly(self) -> None:
+        """
+        Work given to a batch runs before its fsync; if it raises, only its
+        caller fails, and the others of the batch are synced.
+        """
+        synced: list[str] = []
+        self.patch(durable, "fsyncDirectory", synced.append)
+
+        def broken() -> None:
+            raise OSError(errno.ENOENT, "gone")
+
+        sync = DirectorySync("/queue", RecordingRunner())
+        self.failureResultOf(sync.sync(broken), OSError)
+        self.assertEqual(synced, ["/queue"])
+        self.assertEqual(self.successResultOf(sync.sync(lambda: 7)), 7)
 
     def test_failureReachesTheBatch(self) -> None:
         """
         A failed fsync fails every caller of its batch, and the next caller
         gets a new attempt.
         """
-        pending: list[Deferred[None]] = []
+        pending: list[tuple[Deferred[object], Any]] = []
 
-        def runInThread(f: object, *args: object) -> Deferred[None]:
-            d: Deferred[None] = Deferred()
-            pending.append(d)
+        def runInThread(f: Any, *args: object) -> Deferred[object]:
+            d: Deferred[object] = Deferred()
+            pending.append((d, f))
             return d
 
-        sync = DirectorySync("/nonexistent", runInThread)
+        sync = DirectorySync(self.mktemp(), runInThread)
+        os.mkdir(sync.path)
         first = sync.sync()
-        pending[0].errback(OSError(errno.EIO, "Input/output error"))
+        pending[0][0].errback(OSError(errno.EIO, "Input/output error"))
         self.failureResultOf(first, OSError)
         later = sync.sync()
         self.assertEqual(len(pending), 2)
-        pending[1].callback(None)
+        pending[1][0].callback(pending[1][1]())
         self.successResultOf(later)
