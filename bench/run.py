@@ -425,7 +425,9 @@ mode = "smarthost"
 host = "127.0.0.1"
 port = {self.sinkPort}
 tls = "none"
-max_per_destination = 4
+# As many connections to the next hop as Postfix opens by default
+# (default_destination_concurrency_limit = 20).
+max_per_destination = 20
 """
             )
         env = dict(os.environ, PYTHONPATH=self.source)
