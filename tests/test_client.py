@@ -225,9 +225,10 @@ class DotStuffingTests(PoolTestCase):
         file is read in is stuffed too, so a lone "." there cannot end the
         message early (Twisted's client stuffs only within a chunk).
         """
-        chunk = 2**14
+        chunk = clientModule._ChunkSender.CHUNK_SIZE
         head = b"Subject: x\n\n"
-        filler = b"x" * (chunk - len(head) - 1) + b"\n"
+        lines, rest = divmod(chunk - len(head), 1000)
+        filler = (b"x" * 999 + b"\n") * lines + b"x" * (rest - 1) + b"\n"
         body = head + filler + b".\n" + b"after the dot\n"
         self.assertEqual(body[chunk : chunk + 1], b".")
         # Sent in chunks, as a message larger than SMALL_MESSAGE is.
@@ -742,7 +743,7 @@ class PipeliningTests(PipelinedMixin, PoolTestCase):
         """
         A message over SMALL_MESSAGE is sent in chunks, not read whole.
         """
-        body = b"Subject: big\n\n" + (b"y" * 999 + b"\n") * 100
+        body = b"Subject: big\n\n" + (b"y" * 999 + b"\n") * 300
         self.assertGreater(len(body), clientModule.SMALL_MESSAGE)
         pool = self.pool()
         d = self.send(pool, envelope(), body)
@@ -751,5 +752,5 @@ class PipeliningTests(PipelinedMixin, PoolTestCase):
         self.assertEqual(self.script.transactions[0].data, body.replace(b"\n", b"\r\n"))
         self.assertEqual(
             [c for c in self.script.chunks if c.startswith(b"Subject:")],
-            [body[: 2**14].replace(b"\n", b"\r\n")],
+            [body[: clientModule._ChunkSender.CHUNK_SIZE].replace(b"\n", b"\r\n")],
         )
