@@ -312,14 +312,10 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         """
         writer = self.spool.newMessage()
 
-        class FullFile:
-            def write(self, data: bytes) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
+        def fullWrite(fd: int, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-            def close(self) -> None:
-                pass
-
-        writer._file = FullFile()
+        self.patch(os, "write", fullWrite)
         writer.write(b"data\n")
         writer._flushPending()
         failure = self.failureResultOf(
@@ -328,6 +324,24 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertTrue(failure.value.insufficientStorage)
         self.assertEqual(self.spool.queued(), [])
         self.assertEqual(self.committed, [])
+
+    def test_shortWritesCompleted(self) -> None:
+        """
+        A write that takes only part of the data (a signal, a pipe-like
+        file system) is continued: the message arrives whole.
+        """
+        realWrite = os.write
+
+        def shortWrite(fd: int, data: Any) -> int:
+            return realWrite(fd, bytes(data[:3]))
+
+        self.patch(os, "write", shortWrite)
+        queueId = self.commit(b"Subject: short\n\nwritten three bytes at a time\n")
+        self.assertEqual(
+            self.messageOf(queueId),
+            b"Subject: short\n\nwritten three bytes at a time\n",
+        )
+        self.assertEqual(self.spool.load(queueId), envelopeFor(queueId))
 
     def test_commitErrorIsSpoolError(self) -> None:
         """
