@@ -43,6 +43,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,6 +79,7 @@ class Scenario:
     size: int = 2048
     perSession: int = 10
     idle: int = 0
+    handshakes: int = 0
     description: str = ""
 
 
@@ -98,6 +101,13 @@ SCENARIOS = {
     ),
     "idle": Scenario(
         "idle", 0, 0, idle=1000, description="idle authenticated sessions"
+    ),
+    "resume": Scenario(
+        "resume",
+        8,
+        0,
+        handshakes=2000,
+        description="implicit TLS handshakes, 8 at once: new vs resumed session",
     ),
 }
 
@@ -608,6 +618,8 @@ def measure(
         time.sleep(1.0)
         if scenario.idle:
             result = measureIdle(target, scenario)
+        elif scenario.handshakes:
+            result = measureHandshakes(target, scenario)
         else:
             result = measureLoad(target, scenario, countFile)
     finally:
@@ -711,6 +723,62 @@ def measureLoad(target: Target, scenario: Scenario, countFile: str) -> dict[str,
     }
 
 
+def handshakes(port: int, count: int, concurrency: int, resume: bool) -> int:
+    """
+    C{count} connections to the implicit-TLS C{port}, C{concurrency} at a
+    time: handshake, greeting, QUIT.  With C{resume}, each client thread
+    offers the session (ticket) of its previous connection.
+
+    @return: how many handshakes resumed a session.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    def client(n: int) -> int:
+        session, resumed = None, 0
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with context.wrap_socket(
+                    raw, server_hostname="localhost", session=session
+                ) as s:
+                    s.recv(1024)  # the greeting (and TLS 1.3's tickets)
+                    s.sendall(b"QUIT\r\n")
+                    s.recv(1024)
+                    resumed += s.session_reused
+                    if resume:
+                        session = s.session
+        return resumed
+
+    share = [count // concurrency] * concurrency
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(client, share))
+
+
+def measureHandshakes(target: Target, scenario: Scenario) -> dict[str, Any]:
+    """
+    Handshakes per second and the relay's CPU per handshake, first with a
+    new session each time, then resuming.
+    """
+    result: dict[str, Any] = {}
+    for mode in ("new", "resumed"):
+        cpu0, _ = cpuSeconds(target.roots)
+        started = time.perf_counter()
+        resumed = handshakes(
+            target.tlsPort, scenario.handshakes, scenario.sessions, mode == "resumed"
+        )
+        seconds = time.perf_counter() - started
+        cpu = cpuSeconds(target.roots)[0] - cpu0
+        result[f"handshakes_{mode}_per_second"] = round(
+            scenario.handshakes / seconds, 1
+        )
+        result[f"cpu_ms_per_handshake_{mode}"] = round(
+            cpu * 1000 / scenario.handshakes, 2
+        )
+        result[f"sessions_resumed_{mode}"] = resumed
+    return result
+
+
 def measureIdle(target: Target, scenario: Scenario) -> dict[str, Any]:
     base = memory(target.roots)
     gen = subprocess.Popen(
@@ -789,6 +857,15 @@ ROWS = (
     ("kb_per_session", "KB per idle session (PSS slope)", False),
     ("kb_per_session_overall", "KB per idle session (overall)", False),
     ("rss_after_mb", "RSS with all idle sessions, MB", False),
+    ("handshakes_new_per_second", "handshakes/s, new session", True),
+    ("handshakes_resumed_per_second", "handshakes/s, resumed session", True),
+    ("cpu_ms_per_handshake_new", "relay CPU ms per handshake, new session", False),
+    (
+        "cpu_ms_per_handshake_resumed",
+        "relay CPU ms per handshake, resumed session",
+        False,
+    ),
+    ("sessions_resumed_resumed", "sessions resumed (of those offered)", True),
     ("lost", "lost messages", False),
     ("errors", "load generator errors", False),
     ("auth_454", "AUTH answered 454 (retried)", False),

@@ -7,3 +7,7 @@ hash per five minutes.
 The spool keeps the emptied files of delivered messages in ``free/`` and
 writes new messages into them, instead of creating and deleting two files per
 message.
+Delivery uses PIPELINING when the next hop offers it (MAIL, RCPT and DATA in
+one write, the message and its final dot in one write) and sends RSET only
+after a transaction that did not end normally. TLS session tickets are on:
+clients that reconnect can resume their session.

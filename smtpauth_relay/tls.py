@@ -136,6 +136,9 @@ def serverContextFactory(
         )
     # pyOpenSSL takes cryptography's objects directly (its own X509/PKey
     # wrappers are deprecated); Twisted's annotations still name the old ones.
+    # Session tickets (RFC 5077, TLS 1.3's resumption): a client that
+    # reconnects skips the key exchange and the signature.  The ticket key
+    # is OpenSSL's, random per context: made at start and on each reload.
     if minimumVersion in _LEGACY_PROTOCOLS:
         return LegacyCertificateOptions(
             _LEGACY_PROTOCOLS[minimumVersion],
@@ -143,12 +146,14 @@ def serverContextFactory(
             certificate=certs[0],
             extraCertChain=certs[1:],
             insecurelyLowerMinimumTo=VERSIONS[minimumVersion],
+            enableSessionTickets=True,
         )
     return ssl.CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]
         certificate=certs[0],  # type: ignore[arg-type]
         extraCertChain=certs[1:],  # type: ignore[arg-type]
         raiseMinimumTo=VERSIONS[minimumVersion],
+        enableSessionTickets=True,
     )
 
 

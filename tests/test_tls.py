@@ -264,6 +264,67 @@ class ServerContextFactoryTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(server.received, b"EHLO client.example\r\n")
 
+    def resumed(self, options: Any, maximum: Any = None) -> tuple[bool, bool]:
+        """
+        Two handshakes of a stdlib client with C{options} in memory, the
+        second offering the session of the first.
+
+        @return: whether each handshake resumed a session.
+        """
+        import ssl as stdlib
+
+        from OpenSSL import SSL
+
+        context = stdlib.SSLContext(stdlib.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = stdlib.CERT_NONE
+        if maximum is not None:
+            context.maximum_version = maximum
+        serverContext = options.getContext()
+
+        def connect(session: Any) -> Any:
+            server = SSL.Connection(serverContext, None)
+            server.set_accept_state()
+            incoming, outgoing = stdlib.MemoryBIO(), stdlib.MemoryBIO()
+            client = context.wrap_bio(incoming, outgoing, session=session)
+            for _ in range(10):
+                for step in (client.do_handshake, lambda: client.read(1)):
+                    try:
+                        step()
+                    except (stdlib.SSLWantReadError, stdlib.SSLError):
+                        pass
+                data = outgoing.read()
+                if data:
+                    server.bio_write(data)
+                for step in (server.do_handshake, lambda: server.recv(1)):
+                    try:
+                        step()
+                    except (SSL.WantReadError, SSL.Error):
+                        pass
+                try:
+                    incoming.write(server.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+            return client
+
+        first = connect(None)
+        second = connect(first.session)
+        return first.session_reused, second.session_reused
+
+    def test_sessionResumption(self) -> None:
+        """
+        A client reconnecting (a mail client sending again, a scanner) can
+        resume its TLS session with a ticket, TLS 1.3 and 1.2 alike,
+        instead of a full handshake with a new key exchange and signature.
+        """
+        import ssl as stdlib
+
+        options = serverContextFactory(self.cert, self.key)
+        self.assertEqual(self.resumed(options), (False, True))
+        self.assertEqual(
+            self.resumed(options, stdlib.TLSVersion.TLSv1_2), (False, True)
+        )
+
     def test_defaultMinimumAcceptsTLS12(self) -> None:
         """
         By default TLSv1.2 clients are accepted.
