@@ -275,6 +275,7 @@ class RelayESMTP(smtp.ESMTP):
         self._heloName: str | None = None
         self._esmtp = False
         self._secure = self.settings.tlsMode == "implicit"
+        self._tlsInfoCache: TLSInfo | None = None
         self._submitter: Submitter | None = None
         self._mail: MailFrom | None = None
         self._recipients: list[str] = []
@@ -1203,9 +1204,15 @@ class RelayESMTP(smtp.ESMTP):
         self.reply(replies.START_DATA)
 
     def _tlsInfo(self) -> TLSInfo | None:
+        """
+        The session's TLS version and cipher, read once: they do not change
+        after the handshake.
+        """
         if not self._secure:
             return None
-        return tlsInfo(self.transport) or TLSInfo("TLS", "unknown")
+        if self._tlsInfoCache is None:
+            self._tlsInfoCache = tlsInfo(self.transport) or TLSInfo("TLS", "unknown")
+        return self._tlsInfoCache
 
     def _dataStep(self) -> bool:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import lru_cache
 
 from smtpauth_relay.policy import clientAddress
 
@@ -36,6 +37,7 @@ def logSafe(text: str, limit: int = 256) -> str:
     return escaped.replace(" ", "\\x20")
 
 
+@lru_cache(maxsize=4096)
 def addressLiteral(host: str) -> str:
     """
     The RFC 5321 address literal for a peer: C{[192.0.2.1]} or
@@ -47,6 +49,21 @@ def addressLiteral(host: str) -> str:
     if address.version == 6:
         return f"[IPv6:{address.compressed}]"
     return f"[{address}]"
+
+
+_lastDate: tuple[int, str] = (-1, "")
+
+
+def headerDate(when: float) -> str:
+    """
+    The RFC 5322 date of C{when} in local time, as C{formatdate} gives it;
+    whole seconds only, so it is computed once per second, not per message.
+    """
+    global _lastDate
+    second = int(when)
+    if _lastDate[0] != second:
+        _lastDate = (second, formatdate(second, localtime=True))
+    return _lastDate[1]
 
 
 def withKeyword(tls: bool, authenticated: bool) -> str:
@@ -108,5 +125,5 @@ def receivedHeader(
     protocol = withKeyword(secure, authenticated) if esmtp or secure else "SMTP"
     lines.append(f"\tby {byHost} (smtpauth-relay) with {protocol} id {queueId}")
     forPart = f"for <{recipients[0]}>; " if len(recipients) == 1 else ""
-    lines.append(f"\t{forPart}{formatdate(when, localtime=True)}")
+    lines.append(f"\t{forPart}{headerDate(when)}")
     return ("\n".join(lines) + "\n").encode("ascii", "replace")

@@ -14,6 +14,7 @@ from smtpauth_relay.trace import (
     MAX_HELO,
     TLSInfo,
     addressLiteral,
+    headerDate,
     receivedHeader,
     sanitiseHelo,
     withKeyword,
@@ -132,6 +133,24 @@ class AddressLiteralTests(SynchronousTestCase):
         A non-IP peer gives C{[UNIX]}.
         """
         self.assertEqual(addressLiteral("/run/relay.sock"), "[UNIX]")
+
+
+class HeaderDateTests(SynchronousTestCase):
+    @given(st.floats(min_value=0, max_value=4_000_000_000))
+    def test_sameAsFormatdate(self, when: float) -> None:
+        """
+        The cached date is what C{formatdate} gives for that (whole) second,
+        in local time, whatever came before it.
+        """
+        self.assertEqual(headerDate(when), formatdate(int(when), localtime=True))
+
+    def test_newSecondNewDate(self) -> None:
+        """
+        Within one second the date is reused; the next second gets its own.
+        """
+        first = headerDate(1_800_000_000.1)
+        self.assertEqual(headerDate(1_800_000_000.9), first)
+        self.assertNotEqual(headerDate(1_800_000_001.0), first)
 
 
 class WithKeywordTests(SynchronousTestCase):
