@@ -16,7 +16,19 @@ from tests.support import Harness
 LINE = st.one_of(
     st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
     st.sampled_from(
-        [b".", b"..", b".x", b"", b"\xc3\xa9t\xc3\xa9", b"x" * 997, b"x" * 999]
+        [
+            b".",
+            b"..",
+            b".x",
+            b"",
+            b"\xc3\xa9t\xc3\xa9",
+            b"x" * 499,
+            b"x" * 500,
+            b"x" * 997,
+            b"x" * 998,
+            b"x" * 999,
+            b"." + b"x" * 998,
+        ]
     ),
     st.sampled_from([b"bare\nlf", b"bare\rcr", b"x\r\r", b"\n.", b".\n"]),
 )
@@ -61,7 +73,26 @@ class FastPathEquivalenceTests(SynchronousTestCase):
         Any body, split anywhere: the same replies (250 or the same
         refusal), the same stored bytes, size and 8-bit flag.
         """
-        body = b"".join(line + b"\r\n" for line in lines)
+        self.assertEqualPaths(b"".join(line + b"\r\n" for line in lines), splits)
+
+    def test_lineLengthBoundaries(self) -> None:
+        """
+        Lines at and just over the limit (1,000 octets with CRLF), alone or
+        among short ones, in one packet or split: the same outcome both
+        ways (the fast path measures lines without splitting the chunk).
+        """
+        for body in [
+            b"a\r\n" + b"x" * 998 + b"\r\n",
+            b"a\r\n" + b"x" * 999 + b"\r\n",
+            b"a\r\n" + b"." + b"x" * 998 + b"\r\n",
+            b"a\r\n" + b"y\r\n" * 300 + b"x" * 999 + b"\r\nb\r\n",
+            b"a\r\n" + (b"x" * 499 + b"\r\n") * 5,
+            b"a\r\n" + b"x" * 500 + b"\rx" * 300 + b"\r\n",
+        ]:
+            for splits in ([], [40], [600, 1200]):
+                self.assertEqualPaths(body, splits)
+
+    def assertEqualPaths(self, body: bytes, splits: list[int]) -> None:
         fast = run(body, splits, fast=True)
         original = MessageIntake.bodyChunk
         MessageIntake.bodyChunk = lambda self, chunk: False  # type: ignore[method-assign]
@@ -69,7 +100,7 @@ class FastPathEquivalenceTests(SynchronousTestCase):
             slow = run(body, splits, fast=False)
         finally:
             MessageIntake.bodyChunk = original  # type: ignore[method-assign]
-        self.assertEqual(fast, slow)
+        self.assertEqual(fast, slow, (body[:40], len(body), splits))
 
     def test_fastPathTaken(self) -> None:
         """
