@@ -56,6 +56,8 @@ def makeService(options: Options) -> Any:
         relay = makeRelayService(config, reactor, options.get("credCheckers", []))
     except (SpoolLocked, ListenerUnavailable) as e:
         raise SystemExit(f"smtpauth-relay: {e}") from None
-    root = LogObserverRoot(observerFor(config.logging.format))
+    root = LogObserverRoot(
+        observerFor(config.logging.format, twistdOptions=options.parent)
+    )
     relay.setServiceParent(root)
     return root

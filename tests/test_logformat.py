@@ -1,5 +1,6 @@
 """
-Tests for L{smtpauth_relay.logformat}: JSON log lines.
+Tests for L{smtpauth_relay.logformat}: JSON log lines, and twistd's text
+lines with the time formatted once a second.
 """
 
 from __future__ import annotations
@@ -7,8 +8,16 @@ from __future__ import annotations
 import io
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.application.service import Application, IServiceCollection
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatTime,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -16,8 +25,11 @@ from zope.interface.verify import verifyObject
 from smtpauth_relay.logformat import (
     JSONLinesObserver,
     LogObserverRoot,
+    cachedFormatTime,
     eventAsDict,
     observerFor,
+    textObserver,
+    twistdLogsToStdout,
 )
 
 
@@ -183,3 +195,100 @@ class ObserverForTests(SynchronousTestCase):
         root.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), observer)
         self.assertEqual(list(IServiceCollection(application)), [root])
+
+
+class TextObserverTests(SynchronousTestCase):
+    """
+    Tests for L{textObserver}: twistd's lines, the time formatted once per
+    second.
+    """
+
+    @settings(max_examples=300)
+    @given(
+        st.lists(
+            st.one_of(
+                st.floats(min_value=0, max_value=4_000_000_000),
+                st.integers(min_value=0, max_value=4_000_000_000).map(
+                    lambda n: n + 0.9999996
+                ),
+                st.none(),
+            ),
+            min_size=1,
+            max_size=20,
+        )
+    )
+    def test_sameTimes(self, times: list[float | None]) -> None:
+        """
+        Whatever the order of the times, each is formatted exactly as
+        L{twisted.logger.formatTime} formats it, including just before a
+        second ends (where rounding to microseconds gives the next one).
+        """
+        timeOf = cachedFormatTime()
+        for when in times:
+            self.assertEqual(timeOf(when), formatTime(when), when)
+
+    def test_sameLines(self) -> None:
+        """
+        The lines are those of twistd's own text observer.
+        """
+        ours, theirs = io.StringIO(), io.StringIO()
+        events: list[dict[str, object]] = [
+            {
+                "log_format": "accepted {queueId}",
+                "queueId": "Q1",
+                "log_time": 1_800_000_000.25,
+                "log_system": "RelayESMTP,7,192.0.2.1",
+                "log_level": LogLevel.info,
+            },
+            {
+                "log_format": "two\nlines",
+                "log_time": 1_800_000_000.75,
+                "log_namespace": "smtpauth_relay.retry",
+            },
+            {"log_format": "no time"},
+            {
+                "log_format": "failed",
+                "log_time": 1_800_000_003.0,
+                "log_failure": Failure(ValueError("boom")),
+            },
+        ]
+        observer = textObserver(ours)
+        for event in events:
+            observer(dict(event))
+        reference = textFileLogObserver(theirs)
+        for event in events:
+            reference(dict(event))
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertIn("accepted Q1", ours.getvalue())
+
+
+class FakeTwistdOptions(dict[str, object]):
+    pass
+
+
+class TwistdLogsToStdoutTests(SynchronousTestCase):
+    def options(self, **kw: object) -> FakeTwistdOptions:
+        values: dict[str, object] = dict(
+            nodaemon=True, syslog=False, logger=None, logfile=None
+        )
+        values.update(kw)
+        return FakeTwistdOptions(values)
+
+    def test_choices(self) -> None:
+        """
+        Only twistd writing to standard output (C{-n}, with no log file,
+        syslog or logger of its own) gets the relay's text observer.
+        """
+        self.assertTrue(twistdLogsToStdout(self.options()))
+        self.assertTrue(twistdLogsToStdout(self.options(logfile="-")))
+        self.assertFalse(twistdLogsToStdout(self.options(logfile="relay.log")))
+        self.assertFalse(twistdLogsToStdout(self.options(syslog=True)))
+        self.assertFalse(twistdLogsToStdout(self.options(logger=object())))
+        self.assertFalse(twistdLogsToStdout(self.options(nodaemon=False)))
+        self.assertFalse(twistdLogsToStdout(None))
+        out = io.StringIO()
+        self.assertIsNotNone(observerFor("text", out, self.options()))
+        self.assertIsNone(observerFor("text", out, self.options(syslog=True)))
+        self.assertIsInstance(
+            observerFor("json", out, self.options(syslog=True)), JSONLinesObserver
+        )

@@ -449,6 +449,31 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(top, LogObserverRoot)
         self.assertIsInstance(top.observer, JSONLinesObserver)
 
+    def test_textLogsToStdout(self) -> None:
+        """
+        Under C{twistd -n} with no log file of twistd's own (how systemd
+        runs the relay), the text log gets the relay's observer (twistd's
+        lines, the time formatted once a second); with C{--logfile}, twistd
+        keeps its own.
+        """
+        from twisted.logger import FileLogObserver
+        from twisted.scripts.twistd import ServerOptions
+
+        for twistdArgs, ours in (
+            (["-n"], True),
+            (["-n", "--logfile", self.mktemp()], False),
+            (["--logfile", self.mktemp()], False),
+        ):
+            # A spool of its own each time: the relay locks it.
+            text, _ = configText(self)
+            path = writeConfig(self, text)
+            twistd = ServerOptions()
+            twistd.parseOptions([*twistdArgs, "smtpauth-relay", "--config", path])
+            top = tap.makeService(twistd.subOptions)
+            self.assertEqual(
+                isinstance(top.observer, FileLogObserver), ours, twistdArgs
+            )
+
     def test_makeService(self) -> None:
         """
         L{tap.makeService} builds the relay from parsed options, with the
