@@ -86,6 +86,9 @@ class Scenario:
 SCENARIOS = {
     "s8": Scenario("s8", 8, 2000, description="8 sessions, 2 KB"),
     "s64": Scenario("s64", 64, 4000, description="64 sessions, 2 KB"),
+    "sustained": Scenario(
+        "sustained", 64, 20000, description="64 sessions, 2 KB, 20,000 messages"
+    ),
     "large": Scenario(
         "large", 64, 1000, size=100_000, description="64 sessions, 100 KB"
     ),

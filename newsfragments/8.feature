@@ -11,3 +11,6 @@ Delivery uses PIPELINING when the next hop offers it (MAIL, RCPT and DATA in
 one write, the message and its final dot in one write) and sends RSET only
 after a transaction that did not end normally. TLS session tickets are on:
 clients that reconnect can resume their session.
+New ``[queue] flow_delay`` (default 1 second): when deliveries fall behind
+arrivals, new transactions wait at ``MAIL FROM`` for at most that long, so the
+queue does not grow without bound under sustained load.

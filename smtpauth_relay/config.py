@@ -291,6 +291,10 @@ class LoggingConfig:
     format: str = "text"
 
 
+MAX_FLOW_DELAY = 10.0
+"""The longest C{[queue] flow_delay} (Postfix caps its in_flow_delay there)."""
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     """
@@ -304,6 +308,8 @@ class QueueConfig:
     @ivar max_concurrent_deliveries: Delivery attempts under way at once.
     @ivar delay_warning: Seconds after which the sender is told once that
         the message is still being retried; 0 is off.
+    @ivar flow_delay: Seconds a new transaction may wait (at C{MAIL FROM})
+        while deliveries lag behind arrivals; 0 is off.
     """
 
     directory: str = "/var/spool/smtpauth-relay"
@@ -311,6 +317,7 @@ class QueueConfig:
     max_lifetime: float = 432000.0
     max_concurrent_deliveries: int = 20
     delay_warning: float = 0.0
+    flow_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -494,6 +501,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "max_lifetime",
         "max_concurrent_deliveries",
         "delay_warning",
+        "flow_delay",
     ),
     "delivery": (
         "mode",
@@ -1697,6 +1705,13 @@ class _Validator:
         table.duration("max_lifetime")
         table.integer("max_concurrent_deliveries")
         table.duration("delay_warning", allowZero=True)
+        table.duration("flow_delay", allowZero=True)
+        if table.values.get("flow_delay", 0) > MAX_FLOW_DELAY:
+            table.report(
+                "flow_delay",
+                f"must be at most {MAX_FLOW_DELAY:g} seconds (clients wait that"
+                f" long for the reply to MAIL FROM), got {table.values.pop('flow_delay'):g}",
+            )
 
     def delivery(self, table: _Table) -> None:
         """

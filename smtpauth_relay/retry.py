@@ -39,6 +39,7 @@ from zope.interface import implementer
 from smtpauth_relay.bounce import RecipientFailure, makeBounce, shouldBounce
 from smtpauth_relay.envelope import NULL_AUTH, Attempt, DeliveryReport, Envelope
 from smtpauth_relay.errors import QueueBusy
+from smtpauth_relay.flow import InFlow
 from smtpauth_relay.interfaces import IDeliveryAgent, IQueueControl, ISpool
 from smtpauth_relay.metrics import RelayMetrics
 from smtpauth_relay.threads import RunInThread, runNow
@@ -107,11 +108,14 @@ class QueueRunner(Service):
         delayWarning: float = 0.0,
         hostname: str = "localhost",
         metrics: RelayMetrics | None = None,
+        flow: InFlow | None = None,
     ) -> None:
         """
         @param runInThread: where to read the spool and build bounces (off
             the reactor thread in the service; at once in tests).
         @param hostname: our name, in bounces.
+        @param flow: told of each new message and of the end of its first
+            attempt (in-flow control, L{smtpauth_relay.flow}).
         """
         self.spool = spool
         self.agent = agent
@@ -133,6 +137,9 @@ class QueueRunner(Service):
         # never delivered twice, even if saving fails.
         self._done: dict[str, set[str]] = {}
         self._listening = False
+        self.flow = flow
+        # New messages whose first attempt has not finished (for flow).
+        self._fresh: set[str] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -149,6 +156,8 @@ class QueueRunner(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        if self.flow is not None:
+            self.flow.stop()
         for call in self._scheduled.values():
             if call.active():
                 call.cancel()
@@ -158,6 +167,9 @@ class QueueRunner(Service):
     def _committed(self, queueId: str) -> None:
         if self.running:
             self.schedule(queueId, 0)
+            if self.flow is not None and queueId in self._scheduled:
+                self._fresh.add(queueId)
+                self.flow.committed()
 
     def schedule(self, queueId: str, delay: float) -> None:
         """
@@ -198,6 +210,10 @@ class QueueRunner(Service):
 
         def finished(result: float | None | Failure) -> None:
             del self._active[queueId]
+            if queueId in self._fresh:
+                self._fresh.discard(queueId)
+                assert self.flow is not None
+                self.flow.attempted()
             if isinstance(result, Failure):
                 self.metrics.deliveryAttempt("failed", "", 1)
                 log.failure(

@@ -51,6 +51,7 @@ from smtpauth_relay.addresses import (
 from smtpauth_relay.auth import LoginContext, Submitter, chainOf, login
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
+from smtpauth_relay.flow import InFlow
 from smtpauth_relay.interfaces import ISpool
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout
@@ -1129,7 +1130,15 @@ class RelayESMTP(smtp.ESMTP):
                 return
         self._mail = mail
         self._recipients = []
-        self.reply(replies.SENDER_OK)
+        flow = self.factory.flow
+        admitted = flow.admit() if flow is not None else None
+        if admitted is None or admitted.called:
+            self.reply(replies.SENDER_OK)
+            return
+        # Deliveries lag behind: hold this transaction (and anything the
+        # client pipelined after it) for a moment.
+        admitted.addCallback(lambda _: self.reply(replies.SENDER_OK))
+        self._wait(admitted)
 
     def _parameterReply(self, e: ParameterError) -> Reply:
         base = replies.UNKNOWN_PARAMETER if e.unknown else replies.SYNTAX
@@ -1406,10 +1415,13 @@ class RelayServerFactory(protocol.ServerFactory):
         userNetworks: UserNetworks | None = None,
         metrics: RelayMetrics | None = None,
         listener: str = "",
+        flow: InFlow | None = None,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
             forward-confirmed reverse DNS of clients, or C{None} for none.
+        @param flow: in-flow control: C{MAIL FROM} waits while deliveries
+            lag behind (L{smtpauth_relay.flow}), or C{None}.
         """
         if settings.tlsMode not in TLS_MODES:
             raise ValueError(f"bad TLS mode {settings.tlsMode!r}")
@@ -1428,6 +1440,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.userNetworks = userNetworks
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.listener = listener
+        self.flow = flow
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

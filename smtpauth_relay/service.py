@@ -40,6 +40,7 @@ from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.errors import ConfigError, ListenerUnavailable
+from smtpauth_relay.flow import InFlow
 from smtpauth_relay.interfaces import IDeliveryAgent
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
@@ -199,6 +200,13 @@ def makeRelayService(
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
     metrics = RelayMetrics()
+    # Sessions wait at MAIL FROM once twice as many new messages wait for
+    # their first attempt as can be under way.
+    flow = InFlow(
+        reactor,
+        config.queue.flow_delay,
+        limit=2 * config.queue.max_concurrent_deliveries,
+    )
     lockout = Lockout(config.auth.lockout, reactor, metrics=metrics)
     limits = RateLimits(config.limits, reactor, lockout.store)
     userNetworks = (
@@ -233,6 +241,7 @@ def makeRelayService(
             userNetworks,
             metrics,
             listener.endpoint,
+            flow,
         )
         factories.append(factory)
         if listener.tls == "implicit":
@@ -267,6 +276,7 @@ def makeRelayService(
         delayWarning=config.queue.delay_warning,
         hostname=config.server.hostname,
         metrics=metrics,
+        flow=flow,
     )
     runner.setServiceParent(top)
     metrics.setQueueSource(lambda: queueSnapshot(runner.queuedIds(), reactor.seconds()))
@@ -415,6 +425,8 @@ class Relay:
         runner.maxLifetime = new.queue.max_lifetime
         runner.delayWarning = new.queue.delay_warning
         runner.hostname = new.server.hostname
+        if runner.flow is not None:
+            runner.flow.delay = new.queue.flow_delay
         self.config = new
 
 

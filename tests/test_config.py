@@ -1325,6 +1325,26 @@ class EnumTests(ConfigTestCase):
             ["relay.toml:2: [queue] retry_schedule: must not be empty"],
         )
 
+    def test_flowDelay(self) -> None:
+        """
+        C{flow_delay} is 1 second by default, 0 turns it off, and it is at
+        most 10 seconds (clients wait that long for the reply to MAIL).
+        """
+        self.assertEqual(parseConfig(complete(""), "relay.toml").queue.flow_delay, 1.0)
+        config = parseConfig(complete("[queue]\nflow_delay = 0\n"), "relay.toml")
+        self.assertEqual(config.queue.flow_delay, 0.0)
+        self.assertEqual(
+            self.problemsOf(complete("[queue]\nflow_delay = 30\n")),
+            [
+                "relay.toml:2: [queue] flow_delay: must be at most 10 seconds "
+                "(clients wait that long for the reply to MAIL FROM), got 30"
+            ],
+        )
+        self.assertEqual(
+            self.problemsOf(complete("[queue]\nflow_delay = -1\n")),
+            ["relay.toml:2: [queue] flow_delay: must be 0 or more seconds, got -1"],
+        )
+
     def test_maildirNeedsDirectory(self) -> None:
         """
         Maildir delivery without a directory is reported: without a line
