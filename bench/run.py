@@ -845,6 +845,8 @@ ROWS = (
     ("delivered_per_second", "delivered/s", True),
     ("latency_p50_ms", "p50 accept latency, ms", False),
     ("latency_p99_ms", "p99 accept latency, ms", False),
+    ("mail_latency_p50_ms", "p50 MAIL FROM latency, ms", False),
+    ("mail_latency_p99_ms", "p99 MAIL FROM latency, ms", False),
     ("cpu_seconds_per_1000", "CPU s per 1,000 messages", False),
     ("peak_pss_mb", "peak memory (summed PSS, sampled), MB", False),
     (
