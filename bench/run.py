@@ -381,6 +381,8 @@ class Relay(Target):
     """
 
     source: str = ROOT
+    workers = '"auto"'
+    """C{[server] workers}: one process per core."""
 
     NORMAL = re.compile(
         r"accepted [0-9A-F]+ from |delivered to <|AUTH PLAIN ok for"
@@ -389,6 +391,8 @@ class Relay(Target):
         r"|starting up|reactor class|listening on|Starting factory|Stopping factory"
         r"|starting on \d+|Received SIG|Main loop terminated|Server Shut Down"
         r"|Loaded \d+ users from|ControlFactory starting on|Port .* Closed\)"
+        r"|Channel connection (established|lost)|started worker \d+"
+        r"|worker \d+ (running|stopped)"
     )
 
     def start(self) -> None:
@@ -404,6 +408,7 @@ class Relay(Target):
             "max_connections = 20000",
             "max_connections_per_ip = 20000",
             "max_message_size = 52428800",
+            f"workers = {os.environ.get('BENCH_WORKERS', self.workers)}",
         ]
         serverText = "\n".join(server)
         with open(f"{w}/relay.toml", "w") as f:
@@ -560,7 +565,19 @@ class Postfix(Target):
         return found
 
 
-TARGETS: dict[str, type[Target]] = {"relay": Relay, "postfix": Postfix}
+class Relay1(Relay):
+    """
+    The same relay in one process (C{[server] workers = 1}).
+    """
+
+    workers = "1"
+
+
+TARGETS: dict[str, type[Target]] = {
+    "relay": Relay,
+    "relay1": Relay1,
+    "postfix": Postfix,
+}
 
 
 # -- one measurement ---------------------------------------------------------

@@ -14,3 +14,9 @@ clients that reconnect can resume their session.
 New ``[queue] flow_delay`` (default 1 second): when deliveries fall behind
 arrivals, new transactions wait at ``MAIL FROM`` for at most that long, so the
 queue does not grow without bound under sustained load.
+New ``[server] workers`` (default ``"auto"``: one per CPU core): SMTP
+sessions are taken by that many processes sharing the listening sockets. The
+main process alone delivers, and keeps the lockout, the rate limits, the
+connection limits, in-flow control and the metrics for all of them; a worker
+that dies is started again, and SIGHUP reloads every process. Set
+``workers = 1`` for a single process.

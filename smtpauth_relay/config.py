@@ -107,6 +107,9 @@ class ServerConfig:
         octets including CRLF (RFC 5321 section 4.5.3.1.6 sets 1000).
     @ivar reverse_dns: Whether to look up the client's host name for the
         Received header.
+    @ivar workers: How many processes take SMTP sessions (sharing the
+        listening sockets); C{0} for one per CPU core (C{"auto"} in TOML).
+        The main process is one of them and alone delivers.
     """
 
     hostname: str = field(default_factory=socket.getfqdn)
@@ -119,6 +122,11 @@ class ServerConfig:
     max_session_time: float = 3600.0
     max_line_length: int = 1000
     reverse_dns: bool = False
+    workers: int = 0
+
+
+#: The most C{[server] workers}.
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -458,6 +466,7 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "max_session_time",
         "max_line_length",
         "reverse_dns",
+        "workers",
     ),
     "tls": ("certificate", "private_key", "minimum_version"),
     "listener": (
@@ -1224,6 +1233,25 @@ class _Table:
             return
         self.values[key] = float(value)
 
+    def workers(self, key: str) -> None:
+        """
+        Read a process count: C{"auto"} (stored as 0) or 1 to
+        L{MAX_WORKERS}.
+        """
+        value = self._get(
+            key,
+            'an integer or "auto"',
+            lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),
+        )
+        if value is _MISSING:
+            return
+        if value == "auto":
+            self.values[key] = 0
+        elif not 1 <= value <= MAX_WORKERS:
+            self.report(key, f'must be from 1 to {MAX_WORKERS} or "auto", got {value}')
+        else:
+            self.values[key] = value
+
     def boolean(self, key: str) -> None:
         """
         Read C{true} or C{false}.
@@ -1358,6 +1386,7 @@ class _Validator:
         serverTable.duration("max_session_time")
         serverTable.integer("max_line_length", minimum=80)
         serverTable.boolean("reverse_dns")
+        serverTable.workers("workers")
         server = ServerConfig(**serverTable.values)
 
         tlsTable = self.table(data, "tls")

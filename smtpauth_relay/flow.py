@@ -20,11 +20,16 @@ first: a soft brake, never a refusal.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from smtpauth_relay.interfaces import IFlowControl
 
 
+@implementer(IFlowControl)
 class InFlow:
     """
     The backlog of messages waiting for their first delivery attempt, and
@@ -43,19 +48,37 @@ class InFlow:
         self.waited = 0
         """How many sessions had to wait (for tests and benchmarks)."""
         self._waiting: deque[tuple[Deferred[None], Any]] = deque()
+        self.observers: list[Callable[[bool], object]] = []
+        """Told whether L{congested} whenever that changes (workers)."""
+
+    def congested(self) -> bool:
+        """
+        Whether new messages wait now (see L{admit}).
+        """
+        return self.delay > 0 and self.backlog >= self.limit
+
+    def _tell(self, before: bool) -> None:
+        now = self.congested()
+        if now != before:
+            for observer in list(self.observers):
+                observer(now)
 
     def committed(self) -> None:
         """
         A message was committed; its first attempt is to come.
         """
+        before = self.congested()
         self.backlog += 1
+        self._tell(before)
 
     def attempted(self) -> None:
         """
         A message's first delivery attempt finished (whatever its outcome):
         one waiting session may go on.
         """
+        before = self.congested()
         self.backlog = max(0, self.backlog - 1)
+        self._tell(before)
         while self._waiting:
             d, call = self._waiting.popleft()
             if call.active():
@@ -69,7 +92,7 @@ class InFlow:
             at once unless the backlog is at the limit, else when an attempt
             finishes or after L{delay}.
         """
-        if self.delay <= 0 or self.backlog < self.limit:
+        if not self.congested():
             return succeed(None)
         # Waits that timed out leave from the front (they all last as long).
         while self._waiting and not self._waiting[0][1].active():

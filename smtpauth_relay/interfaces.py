@@ -10,7 +10,7 @@ both with C{verifyObject}.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from smtpauth_relay.envelope import DeliveryReport, Envelope
+    from smtpauth_relay.lockout import Lock
     from smtpauth_relay.passwords import ScramSecrets
+    from smtpauth_relay.replies import Reply
 
 
 class ISubmitter(Interface):
@@ -241,4 +243,131 @@ class IQueueControl(Interface):
         @raise KeyError: (in the Deferred) if there is no such message.
         @raise QueueBusy: (in the Deferred) if it is being delivered right
             now; try again.
+        """
+
+
+class ILoginGuard(Interface):
+    """
+    The brute-force lockout as a session sees it: L{smtpauth_relay.lockout.
+    Lockout} in the main process, L{smtpauth_relay.ipc.RemoteLockout} in a
+    worker (whose answers are L{Deferred}s).
+    """
+
+    settings: Any = Attribute("The C{[auth.lockout]} settings.")
+
+    def check(host: str, user: str | None) -> Lock | None | Deferred[Lock | None]:
+        """
+        The lock refusing this login attempt, if any.
+        """
+
+    def failed(host: str, user: str | None) -> float | Deferred[float]:
+        """
+        Count a failed login; the seconds to wait before answering.
+        """
+
+    def succeeded(host: str, user: str) -> None:
+        """
+        A login succeeded.
+        """
+
+
+class ISessionLimits(Interface):
+    """
+    The rate limits as a session sees them: L{smtpauth_relay.limits.
+    RateLimits} in the main process, L{smtpauth_relay.ipc.RemoteRateLimits}
+    in a worker.
+    """
+
+    settings: Any = Attribute("The C{[limits]} settings.")
+
+    def connectionAllowed(host: str) -> bool:
+        """
+        Count a new connection from C{host}; whether it is within the rate.
+        (A worker's connections are counted by L{IAdmission} instead.)
+        """
+
+    def messageAllowed(user: str) -> bool | Deferred[bool]:
+        """
+        Whether C{user} may start another message.
+        """
+
+    def recipientAllowed(user: str, pending: int) -> bool | Deferred[bool]:
+        """
+        Whether C{user} may add a recipient to the C{pending} ones.
+        """
+
+    def messageQueued(user: str, recipients: int) -> None:
+        """
+        Count a message of C{user}'s, with its recipients.
+        """
+
+
+class IAdmission(Interface):
+    """
+    A worker's connection counting, done by the main process for every
+    process (L{smtpauth_relay.ipc.RemoteAdmission}).
+    """
+
+    def connect(host: str) -> Deferred[Reply | None]:
+        """
+        Count a client; the 421 to give it, if any.  It counts until
+        L{disconnect}, refused or not.
+        """
+
+    def disconnect(host: str) -> None:
+        """
+        A client counted by L{connect} is gone.
+        """
+
+
+class IFlowControl(Interface):
+    """
+    In-flow control as a session sees it (L{smtpauth_relay.flow.InFlow},
+    L{smtpauth_relay.ipc.RemoteFlow}).
+    """
+
+    delay: float = Attribute("The longest a session waits, in seconds.")
+
+    def admit() -> Deferred[None] | None:
+        """
+        C{None} or a fired L{Deferred} if a new message may be taken now;
+        else a L{Deferred} firing when it may.
+        """
+
+
+class ISessionMetrics(Interface):
+    """
+    What SMTP sessions count (L{smtpauth_relay.metrics.RelayMetrics}; in a
+    worker process, L{smtpauth_relay.ipc.MetricsForwarder}, which passes
+    the counts on to the main process's).
+    """
+
+    def connectionOpened(listener: str, tls: str) -> None:
+        """
+        A connection was made.
+        """
+
+    def connectionClosed(listener: str) -> None:
+        """
+        A connection given to L{connectionOpened} was lost.
+        """
+
+    def connectionRefused(reason: str) -> None:
+        """
+        A connection was refused with a 421.
+        """
+
+    def authAttempt(mechanism: str, result: str) -> None:
+        """
+        An AUTH exchange ended with a verdict.
+        """
+
+    def messageAccepted(size: int) -> None:
+        """
+        A message was spooled and answered 250.
+        """
+
+    def messageRejected(reason: str) -> None:
+        """
+        A message, or its transaction, was refused.
         """

@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from smtpauth_relay.config import LimitsConfig
+from smtpauth_relay.interfaces import ISessionLimits
 from smtpauth_relay.lockout import ILockoutStore, MemoryLockoutStore
 from smtpauth_relay.policy import clientAddress
 from smtpauth_relay.trace import logSafe
@@ -27,6 +29,7 @@ HOUR = 3600.0
 MINUTE = 60.0
 
 
+@implementer(ISessionLimits)
 class RateLimits:
     """
     The rate limits of one relay; see the module docstring.

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from smtpauth_relay.config import LockoutConfig
+from smtpauth_relay.interfaces import ILoginGuard
 from smtpauth_relay.policy import clientAddress
 
 log = Logger()
@@ -229,6 +230,7 @@ class Lock:
     until: float
 
 
+@implementer(ILoginGuard)
 class Lockout:
     """
     The lockout policy; see the module docstring.

@@ -42,7 +42,7 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 #: Field names never written: a secret must not reach a log, even by mistake.
 SECRET_FIELD = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
@@ -188,3 +188,25 @@ def observerFor(
     if twistdLogsToStdout(twistdOptions):
         return textObserver(out)
     return None
+
+
+def workerObserver(observer: ILogObserver, index: int) -> ILogObserver:
+    """
+    C{observer}, for a worker process (C{[server] workers}): each event
+    says which worker logged it, as a C{worker} field (JSON) and in the
+    text line's bracket (C{[smtpauth_relay.server#info worker=1]}).
+    """
+
+    @provider(ILogObserver)
+    def tag(event: LogEvent) -> None:
+        event = dict(event)
+        event.setdefault("worker", index)
+        if "log_system" not in event:
+            level = event.get("log_level")
+            event["log_system"] = (
+                f"{event.get('log_namespace', '-')}"
+                f"#{level.name if level is not None else 'info'} worker={index}"
+            )
+        observer(event)
+
+    return tag

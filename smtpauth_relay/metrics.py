@@ -45,8 +45,10 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from smtpauth_relay import replies
+from smtpauth_relay.interfaces import ISessionMetrics
 from smtpauth_relay.replies import Reply
 from smtpauth_relay.sasl import MECHANISMS
 
@@ -331,6 +333,7 @@ class _QueueCollector:
         yield oldest
 
 
+@implementer(ISessionMetrics)
 class RelayMetrics:
     """
     The relay's Prometheus metrics, in a registry of their own.

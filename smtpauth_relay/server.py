@@ -51,10 +51,15 @@ from smtpauth_relay.addresses import (
 from smtpauth_relay.auth import LoginContext, Submitter, chainOf, login
 from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.errors import CheckerUnavailable, SpoolError
-from smtpauth_relay.flow import InFlow
-from smtpauth_relay.interfaces import ISpool
-from smtpauth_relay.limits import RateLimits
-from smtpauth_relay.lockout import Lockout
+from smtpauth_relay.interfaces import (
+    IAdmission,
+    IFlowControl,
+    ILoginGuard,
+    ISessionLimits,
+    ISessionMetrics,
+    ISpool,
+)
+from smtpauth_relay.lockout import Lock
 from smtpauth_relay.metrics import RelayMetrics, refusalReason, rejectionReason
 from smtpauth_relay.policy import IPNetwork, RelayPolicy, inNetworks
 from smtpauth_relay.rdns import confirmedName
@@ -168,9 +173,16 @@ class ConnectionLimiter:
         Count a new session; return the 421 to give it if over a limit or
         shutting down (it still counts until L{close}).
         """
+        self.sessions.add(session)
+        return self.countOpen(address)
+
+    def countOpen(self, address: str) -> Reply | None:
+        """
+        Count a new session of a worker process (C{[server] workers}); like
+        L{open}, without a session here to close at shutdown.
+        """
         self.total += 1
         self.perAddress[address] += 1
-        self.sessions.add(session)
         if self._drained is not None:
             return replies.SHUTTING_DOWN
         if self.total > self.maxConnections:
@@ -179,11 +191,17 @@ class ConnectionLimiter:
             return replies.TOO_MANY_FROM_ADDRESS
         return None
 
-    def close(self, address: str, session: RelayESMTP) -> None:
+    def countClose(self, address: str) -> None:
+        """
+        A worker's session counted by L{countOpen} is over.
+        """
         self.total -= 1
         self.perAddress[address] -= 1
         if self.perAddress[address] <= 0:
             del self.perAddress[address]
+
+    def close(self, address: str, session: RelayESMTP) -> None:
+        self.countClose(address)
         self.sessions.discard(session)
         if not self.sessions and self._drained is not None:
             drained, self._drained = self._drained, None
@@ -268,6 +286,8 @@ class RelayESMTP(smtp.ESMTP):
         self._producing = False
         self._mode = "command"
         self._busy = False
+        self._admissionCounted = False
+        """Counted by the main process (a worker's session, L{ipc})."""
         self._processing = False
         self._discardingLine = False
         self._inLongDataLine = False
@@ -320,10 +340,37 @@ class RelayESMTP(smtp.ESMTP):
         self.factory.metrics.connectionOpened(
             self.factory.listener, self.settings.tlsMode
         )
+        admission = self.factory.admission
+        if refusal is None and admission is not None:
+            # A worker process: the main process counts every process's
+            # clients (and their rate); nothing is read until it answers.
+            self._admissionCounted = True
+            self._busy = True
+            admission.connect(self._peer).addErrback(self._admissionFailed).addCallback(
+                self._admit
+            )
+            return
         limits = self.factory.limits
         if refusal is None and limits is not None:
             if not limits.connectionAllowed(self._peer):
                 refusal = replies.TOO_MANY_CONNECTIONS_RATE
+        self._admit(refusal)
+
+    def _admissionFailed(self, failure: Failure) -> Reply:
+        log.error(
+            "no answer from the main process for {peer}: {error}",
+            peer=self._peer,
+            error=failure.getErrorMessage(),
+        )
+        return replies.SHUTTING_DOWN
+
+    def _admit(self, refusal: Reply | None) -> None:
+        """
+        Greet the client, or give it C{refusal} and close.
+        """
+        self._busy = False
+        if self._lost:
+            return
         if refusal is not None:
             self.factory.metrics.connectionRefused(refusalReason(refusal))
             log.info(
@@ -349,6 +396,11 @@ class RelayESMTP(smtp.ESMTP):
         self._sessionCall = self.clock.callLater(
             self.settings.maxSessionTime, self._sessionTooLong
         )
+        if self._buffer:
+            # An early talker's commands, held while the main process was
+            # asked.
+            self._updateReading()
+            self._processBuffer()
 
     def handshakeCompleted(self) -> None:
         """
@@ -417,6 +469,10 @@ class RelayESMTP(smtp.ESMTP):
         if self._intake is not None:
             self._intake.abort()
             self._intake = None
+        if self._admissionCounted:
+            self._admissionCounted = False
+            assert self.factory.admission is not None
+            self.factory.admission.disconnect(self._peer)
         if self._counted:
             self._counted = False
             self.factory.limiter.close(self._peer, self)
@@ -948,6 +1004,19 @@ class RelayESMTP(smtp.ESMTP):
         )
         lockout = self.factory.lockout
         lock = lockout.check(self._peer, username) if lockout is not None else None
+        if isinstance(lock, Deferred):
+            # A worker process asks the main process's lockout.
+            return lock.addCallback(self._lockChecked, step, mechanism, username)
+        return self._lockChecked(lock, step, mechanism, username)
+
+    def _lockChecked(
+        self, lock: Lock | None, step: Any, mechanism: Mechanism, username: str
+    ) -> Deferred[Any] | None:
+        """
+        Refuse a locked login, else check the credentials C{step} produced.
+        """
+        if self._lost:
+            return None
         if lock is not None:
             # Refused without looking at the password: a guess that happens
             # to be right must not tell the attacker so.
@@ -1060,6 +1129,8 @@ class RelayESMTP(smtp.ESMTP):
         delay = lockout.failed(self._peer, username) if lockout is not None else 0.0
 
         def answer(ignored: object = None) -> None:
+            if self._lost:
+                return
             if self.transport.disconnecting:
                 return
             self._error(replies.AUTH_FAILED)
@@ -1069,12 +1140,18 @@ class RelayESMTP(smtp.ESMTP):
                 self.reply(replies.TOO_MANY_AUTH_FAILURES)
                 self._close()
 
-        if delay <= 0:
-            answer()
-            return None
-        d: Deferred[None] = Deferred()
-        self.clock.callLater(delay, d.callback, None)
-        return d.addCallback(answer)
+        def tarpit(delay: float) -> Deferred[None] | None:
+            if delay <= 0:
+                answer()
+                return None
+            d: Deferred[None] = Deferred()
+            self.clock.callLater(delay, d.callback, None)
+            return d.addCallback(answer)
+
+        if isinstance(delay, Deferred):
+            # A worker process: the main process counts the failure.
+            return delay.addCallback(tarpit)
+        return tarpit(delay)
 
     # -- mail transaction -------------------------------------------------
 
@@ -1103,15 +1180,35 @@ class RelayESMTP(smtp.ESMTP):
             self._reject(replies.AUTH_REQUIRED)
             return
         limits = self.factory.limits
+        allowed: bool | Deferred[bool] = True
         if user is not None and limits is not None:
             perSession = limits.settings.messages_per_session
             if perSession and self._accepted >= perSession:
                 self._reject(replies.TOO_MANY_MESSAGES_IN_SESSION, countError=False)
                 self._close()
                 return
-            if not limits.messageAllowed(user):
-                self._reject(replies.MESSAGE_RATE)
-                return
+            allowed = limits.messageAllowed(user)
+        if isinstance(allowed, Deferred):
+            # A worker process asks the main process's rate limits.
+            self._wait(allowed.addCallback(self._mailChecked, mail, user))
+            return
+        waiting = self._mailChecked(allowed, mail, user)
+        if waiting is not None:
+            self._wait(waiting)
+
+    def _mailChecked(
+        self, allowed: bool, mail: Any, user: str | None
+    ) -> Deferred[None] | None:
+        """
+        The rest of C{MAIL FROM} once the rate limit answered C{allowed}.
+
+        @return: a L{Deferred} if the reply waits for in-flow control.
+        """
+        if self._lost:
+            return None
+        if not allowed:
+            self._reject(replies.MESSAGE_RATE)
+            return None
         senders = self.factory.senders
         if senders is not None and user is not None:
             refusal = senders.mayUse(user, mail.sender)
@@ -1127,18 +1224,17 @@ class RelayESMTP(smtp.ESMTP):
                     self._reject(replies.SPOOL_FAILED)
                 else:
                     self._reject(replies.SENDER_NOT_ALLOWED.withText(str(refusal)))
-                return
+                return None
         self._mail = mail
         self._recipients = []
         flow = self.factory.flow
         admitted = flow.admit() if flow is not None else None
         if admitted is None or admitted.called:
             self.reply(replies.SENDER_OK)
-            return
+            return None
         # Deliveries lag behind: hold this transaction (and anything the
         # client pipelined after it) for a moment.
-        admitted.addCallback(lambda _: self.reply(replies.SENDER_OK))
-        self._wait(admitted)
+        return admitted.addCallback(lambda _: self.reply(replies.SENDER_OK))
 
     def _parameterReply(self, e: ParameterError) -> Reply:
         base = replies.UNKNOWN_PARAMETER if e.unknown else replies.SYNTAX
@@ -1168,11 +1264,19 @@ class RelayESMTP(smtp.ESMTP):
             self._reject(replies.TOO_MANY_RECIPIENTS, countError=False)
             return
         limits = self.factory.limits
-        if (
-            user is not None
-            and limits is not None
-            and not limits.recipientAllowed(user, len(self._recipients))
-        ):
+        allowed: bool | Deferred[bool] = True
+        if user is not None and limits is not None:
+            allowed = limits.recipientAllowed(user, len(self._recipients))
+        if isinstance(allowed, Deferred):
+            # A worker process asks the main process's rate limits.
+            self._wait(allowed.addCallback(self._recipientChecked, recipient))
+            return
+        self._recipientChecked(allowed, recipient)
+
+    def _recipientChecked(self, allowed: bool, recipient: Any) -> None:
+        if self._lost:
+            return
+        if not allowed:
             self._reject(replies.RECIPIENT_RATE, countError=False)
             return
         self._recipients.append(recipient)
@@ -1408,20 +1512,25 @@ class RelayServerFactory(protocol.ServerFactory):
         clock: Any,
         contextFactory: Any = None,
         resolver: Any = None,
-        lockout: Lockout | None = None,
+        lockout: ILoginGuard | None = None,
         senders: SenderLoginMap | None = None,
         checkHeaderFrom: bool = False,
-        limits: RateLimits | None = None,
+        limits: ISessionLimits | None = None,
         userNetworks: UserNetworks | None = None,
-        metrics: RelayMetrics | None = None,
+        metrics: ISessionMetrics | None = None,
         listener: str = "",
-        flow: InFlow | None = None,
+        flow: IFlowControl | None = None,
+        admission: IAdmission | None = None,
     ) -> None:
         """
         @param resolver: an L{twisted.internet.interfaces.IResolver} for
             forward-confirmed reverse DNS of clients, or C{None} for none.
         @param flow: in-flow control: C{MAIL FROM} waits while deliveries
             lag behind (L{smtpauth_relay.flow}), or C{None}.
+        @param admission: in a worker process, the main process's count of
+            connections (C{max_connections}, C{max_connections_per_ip} and
+            the connection rate are then its business, and C{limiter} only
+            tracks this process's sessions for shutdown).
         """
         if settings.tlsMode not in TLS_MODES:
             raise ValueError(f"bad TLS mode {settings.tlsMode!r}")
@@ -1441,6 +1550,7 @@ class RelayServerFactory(protocol.ServerFactory):
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.listener = listener
         self.flow = flow
+        self.admission = admission
 
     def buildProtocol(self, addr: Any) -> RelayESMTP:
         p = RelayESMTP(self)

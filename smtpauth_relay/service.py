@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,15 @@ from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.errors import ConfigError, ListenerUnavailable
 from smtpauth_relay.flow import InFlow
-from smtpauth_relay.interfaces import IDeliveryAgent
+from smtpauth_relay.interfaces import (
+    IAdmission,
+    IDeliveryAgent,
+    IFlowControl,
+    ILoginGuard,
+    ISessionLimits,
+    ISessionMetrics,
+)
+from smtpauth_relay.ipc import MainChannel
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.metrics import RelayMetrics, makeMetricsService, queueSnapshot
@@ -60,6 +68,7 @@ from smtpauth_relay.systemd import Notifier, NotifyService
 from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import ReloadableContext, serverContextFactory
 from smtpauth_relay.usernetworks import UserNetworks
+from smtpauth_relay.workers import WorkerSupervisor, workerCount
 
 log = Logger()
 
@@ -146,39 +155,50 @@ def warnLegacyLane(listener: ListenerConfig) -> None:
         )
 
 
-def makeRelayService(
+@dataclass
+class SessionParts:
+    """
+    What every listener's sessions share, in the main process or a worker.
+    """
+
+    portal: Portal
+    spool: Any
+    policy: RelayPolicy
+    limiter: ConnectionLimiter
+    reactor: Any
+    tlsContexts: dict[str | None, ReloadableContext]
+    """Listener TLS contexts by minimum_tls_version (None: [tls]'s)."""
+    resolver: Any
+    lockout: ILoginGuard | None
+    senders: SenderLoginMap | None
+    limits: ISessionLimits | None
+    userNetworks: UserNetworks | None
+    metrics: ISessionMetrics
+    flow: IFlowControl | None
+    admission: IAdmission | None = None
+
+
+def makeSessionParts(
     config: Config,
     reactor: Any,
-    extraCheckers: Sequence[ICredentialsChecker] = (),
-) -> MultiService:
+    extraCheckers: Sequence[ICredentialsChecker],
+    spool: Any,
+    limiter: ConnectionLimiter,
+    lockout: ILoginGuard | None,
+    limits: ISessionLimits | None,
+    metrics: ISessionMetrics,
+    flow: IFlowControl | None,
+    admission: IAdmission | None = None,
+) -> SessionParts:
     """
-    Build the relay.  Blocking (it prepares the spool and reads the TLS
-    files), so call it before the reactor runs, as C{twistd} does.
-
-    @param extraCheckers: checkers from C{--auth}, asked after the
-        configuration's own, in order.
+    Build the credential checkers, the TLS contexts and the policies the
+    sessions use.  Blocking (it reads the TLS files).
     """
-    top = MultiService()
-    # The spool and the Maildir have their own threads: password hashing
-    # (on the reactor's pool) must never delay the fsync before a 250.
-    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
-
-    spool = Spool(config.queue.directory, runInThread, reactor)
-    spool.prepare()
-
     checkers = [strcred.makeChecker(c) for c in config.auth.checkers]
     checkers = [adaptChecker(c) for c in checkers + list(extraCheckers)]
     portal = makePortal(checkers, reactor)
     if not checkers:
         log.warn("no credential checkers configured: AUTH is not offered")
-
-    policy = RelayPolicy(
-        trustedNetworks=config.relay.trusted_networks,
-        trustedRelays=config.relay.trusted_relays,
-    )
-    limiter = ConnectionLimiter(
-        config.server.max_connections, config.server.max_connections_per_ip
-    )
     # One TLS context for the listeners at [tls] minimum_version (key None),
     # one for each other minimum_tls_version a listener asks for.
     tlsContexts: dict[str | None, ReloadableContext] = {}
@@ -191,14 +211,104 @@ def makeRelayService(
                     version or config.tls.minimum_version,
                 )
             )
-    contextFactory = tlsContexts.get(None)
-
     resolver = None
     if config.server.reverse_dns:
         from twisted.names import client
 
         resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return SessionParts(
+        portal=portal,
+        spool=spool,
+        policy=RelayPolicy(
+            trustedNetworks=config.relay.trusted_networks,
+            trustedRelays=config.relay.trusted_relays,
+        ),
+        limiter=limiter,
+        reactor=reactor,
+        tlsContexts=tlsContexts,
+        resolver=resolver,
+        lockout=lockout,
+        senders=(
+            SenderLoginMap(config.relay.sender_login_map, config.relay.sender_plus_tags)
+            if config.relay.sender_login_map
+            else None
+        ),
+        limits=limits,
+        userNetworks=(
+            UserNetworks(config.auth.allowed_networks)
+            if config.auth.allowed_networks
+            else None
+        ),
+        metrics=metrics,
+        flow=flow,
+        admission=admission,
+    )
 
+
+def makeListenerFactory(
+    config: Config, listener: ListenerConfig, parts: SessionParts
+) -> tuple[RelayServerFactory, Any]:
+    """
+    The session factory of C{listener}, and the factory to listen with (with
+    its implicit TLS and PROXY protocol layers).
+    """
+    listenerContext = parts.tlsContexts.get(listener.minimum_tls_version)
+    sessions = RelayServerFactory(
+        sessionSettings(config, listener),
+        parts.portal,
+        parts.spool,
+        parts.policy,
+        parts.limiter,
+        parts.reactor,
+        listenerContext,
+        parts.resolver,
+        parts.lockout,
+        parts.senders,
+        config.relay.check_header_from,
+        parts.limits,
+        parts.userNetworks,
+        parts.metrics,
+        listener.endpoint,
+        parts.flow,
+        parts.admission,
+    )
+    factory: Any = sessions
+    if listener.tls == "implicit":
+        assert listenerContext is not None, "config requires [tls] for TLS"
+        factory = TLSMemoryBIOFactory(listenerContext, False, factory)
+    if listener.proxy_protocol:
+        # The PROXY header comes first on the wire, before any TLS: the
+        # PROXY layer is the outermost.
+        factory = ProxyProtocolFactory(factory, listener.trusted_proxies, parts.reactor)
+    return sessions, factory
+
+
+def makeRelayService(
+    config: Config,
+    reactor: Any,
+    extraCheckers: Sequence[ICredentialsChecker] = (),
+    workerArguments: Sequence[str] = (),
+) -> MultiService:
+    """
+    Build the relay.  Blocking (it prepares the spool and reads the TLS
+    files), so call it before the reactor runs, as C{twistd} does.
+
+    @param extraCheckers: checkers from C{--auth}, asked after the
+        configuration's own, in order.
+    @param workerArguments: the C{--auth} options that made
+        C{extraCheckers}, for the worker processes (C{[server] workers}).
+    """
+    top = MultiService()
+    # The spool and the Maildir have their own threads: password hashing
+    # (on the reactor's pool) must never delay the fsync before a 250.
+    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
+
+    spool = Spool(config.queue.directory, runInThread, reactor)
+    spool.prepare()
+
+    limiter = ConnectionLimiter(
+        config.server.max_connections, config.server.max_connections_per_ip
+    )
     metrics = RelayMetrics()
     # Sessions wait at MAIL FROM once twice as many new messages wait for
     # their first attempt as can be under way.
@@ -209,55 +319,33 @@ def makeRelayService(
     )
     lockout = Lockout(config.auth.lockout, reactor, metrics=metrics)
     limits = RateLimits(config.limits, reactor, lockout.store)
-    userNetworks = (
-        UserNetworks(config.auth.allowed_networks)
-        if config.auth.allowed_networks
-        else None
-    )
-    senders = (
-        SenderLoginMap(config.relay.sender_login_map, config.relay.sender_plus_tags)
-        if config.relay.sender_login_map
-        else None
+    parts = makeSessionParts(
+        config,
+        reactor,
+        extraCheckers,
+        spool,
+        limiter,
+        lockout,
+        limits,
+        metrics,
+        flow,
     )
     lockoutTimer(lockout).setServiceParent(top)
 
     factories: list[RelayServerFactory] = []
-    for listener in config.listeners:
+    listening: list[tuple[int, Any]] = []
+    for index, listener in enumerate(config.listeners):
         warnLegacyLane(listener)
-        listenerContext = tlsContexts.get(listener.minimum_tls_version)
-        factory: Any = RelayServerFactory(
-            sessionSettings(config, listener),
-            portal,
-            spool,
-            policy,
-            limiter,
-            reactor,
-            listenerContext,
-            resolver,
-            lockout,
-            senders,
-            config.relay.check_header_from,
-            limits,
-            userNetworks,
-            metrics,
-            listener.endpoint,
-            flow,
-        )
-        factories.append(factory)
-        if listener.tls == "implicit":
-            assert listenerContext is not None, "config requires [tls] for TLS"
-            factory = TLSMemoryBIOFactory(listenerContext, False, factory)
-        if listener.proxy_protocol:
-            # The PROXY header comes first on the wire, before any TLS: the
-            # PROXY layer is the outermost.
-            factory = ProxyProtocolFactory(factory, listener.trusted_proxies, reactor)
+        sessions, factory = makeListenerFactory(config, listener, parts)
+        factories.append(sessions)
         # strports.service makes a listen failure (port in use) fail startup
         # instead of being logged while the daemon runs deaf.
         try:
-            listening = strports.service(listener.endpoint, factory, reactor)
+            service = strports.service(listener.endpoint, factory, reactor)
         except (IndexError, KeyError):
             raise ListenerUnavailable(systemdSocketMissing(listener.endpoint)) from None
-        listening.setServiceParent(top)
+        service.setServiceParent(top)
+        listening.append((index, service))
         log.info(
             "listening on {endpoint} (tls={tls})",
             endpoint=listener.endpoint,
@@ -279,13 +367,29 @@ def makeRelayService(
         flow=flow,
     )
     runner.setServiceParent(top)
+    supervisor = None
+    count = workerCount(config)
+    if count > 1:
+        # After the listeners (whose sockets the workers share) and the
+        # queue runner (which delivers what they accept).
+        supervisor = WorkerSupervisor(
+            reactor,
+            count - 1,
+            config.path,
+            list(workerArguments),
+            listening,
+            lambda lost: MainChannel(
+                spool.adopt, limiter, lockout, limits, flow, lost, metrics
+            ),
+        )
+        supervisor.setServiceParent(top)
     metrics.setQueueSource(lambda: queueSnapshot(runner.queuedIds(), reactor.seconds()))
     if config.metrics.endpoint:
         makeMetricsService(config.metrics.endpoint, metrics, reactor).setServiceParent(
             top
         )
     AgentCloser(agent, runner).setServiceParent(top)
-    CheckerCloser(portal).setServiceParent(top)
+    CheckerCloser(parts.portal).setServiceParent(top)
     # After prepare(): the spool lock is what makes removing a stale control
     # socket safe.
     makeControlService(
@@ -297,19 +401,10 @@ def makeRelayService(
     notifier = NotifyService(Notifier(), reactor)
     notifier.setServiceParent(top)
     Reloader(
-        Relay(
-            config,
-            list(extraCheckers),
-            factories,
-            portal,
-            contextFactory,
-            lockout,
-            limits,
-            runner,
-            tlsContexts,
-        ),
+        Relay.fromParts(config, extraCheckers, factories, parts, runner),
         notifier,
         reactor,
+        onReload=supervisor.reload if supervisor is not None else None,
     ).setServiceParent(top)
     return top
 
@@ -325,11 +420,38 @@ class Relay:
     factories: list[RelayServerFactory]
     portal: Portal
     tlsContext: ReloadableContext | None
-    lockout: Lockout
-    limits: RateLimits
-    runner: QueueRunner
+    lockout: ILoginGuard | None
+    limits: ISessionLimits | None
+    runner: QueueRunner | None
+    """The queue runner; C{None} in a worker process."""
     tlsContexts: dict[str | None, ReloadableContext] = field(default_factory=dict)
     """Every listener TLS context, by minimum_tls_version (None: [tls]'s)."""
+    flow: IFlowControl | None = None
+
+    @classmethod
+    def fromParts(
+        cls,
+        config: Config,
+        extraCheckers: Sequence[ICredentialsChecker],
+        factories: list[RelayServerFactory],
+        parts: SessionParts,
+        runner: QueueRunner | None,
+    ) -> Relay:
+        """
+        The reloadable parts of a relay (or of a worker, without a runner).
+        """
+        return cls(
+            config,
+            list(extraCheckers),
+            factories,
+            parts.portal,
+            parts.tlsContexts.get(None),
+            parts.lockout,
+            parts.limits,
+            runner,
+            parts.tlsContexts,
+            parts.flow,
+        )
 
     def apply(self, new: Config) -> list[str]:
         """
@@ -353,6 +475,8 @@ class Relay:
             needsRestart.append("[server] max_connections / max_connections_per_ip")
         if new.metrics != old.metrics:
             needsRestart.append("[metrics]")
+        if new.server.workers != old.server.workers:
+            needsRestart.append("[server] workers")
         if new.server.reverse_dns != old.server.reverse_dns:
             needsRestart.append("[server] reverse_dns")
         if (new.tls.certificate is None) != (old.tls.certificate is None):
@@ -418,15 +542,18 @@ class Relay:
             factory.senders = prepared.senders
             factory.checkHeaderFrom = new.relay.check_header_from
             factory.userNetworks = prepared.userNetworks
-        self.lockout.settings = new.auth.lockout
-        self.limits.settings = new.limits
+        if self.lockout is not None:
+            self.lockout.settings = new.auth.lockout
+        if self.limits is not None:
+            self.limits.settings = new.limits
         runner = self.runner
-        runner.retrySchedule = new.queue.retry_schedule
-        runner.maxLifetime = new.queue.max_lifetime
-        runner.delayWarning = new.queue.delay_warning
-        runner.hostname = new.server.hostname
-        if runner.flow is not None:
-            runner.flow.delay = new.queue.flow_delay
+        if runner is not None:
+            runner.retrySchedule = new.queue.retry_schedule
+            runner.maxLifetime = new.queue.max_lifetime
+            runner.delayWarning = new.queue.delay_warning
+            runner.hostname = new.server.hostname
+        if self.flow is not None:
+            self.flow.delay = new.queue.flow_delay
         self.config = new
 
 
@@ -452,11 +579,15 @@ class Reloader(Service):
         reactor: Any,
         installSignal: bool = True,
         runInThread: RunInThread | None = None,
+        onReload: Callable[[], object] | None = None,
     ) -> None:
         """
         @param runInThread: where the blocking part (reading files, making
             checkers) runs; the reactor's thread pool by default.
+        @param onReload: called as each reload starts (the main process
+            passes it on to its workers).
         """
+        self.onReload = onReload
         self.relay = relay
         self.notifier = notifier
         self.reactor = reactor
@@ -486,6 +617,8 @@ class Reloader(Service):
         if self._reloading is not None:
             return self._reloading
         self.notifier.reloading()
+        if self.onReload is not None:
+            self.onReload()
         path = self.relay.config.path
         log.info("reloading {path}", path=path)
 

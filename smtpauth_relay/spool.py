@@ -14,7 +14,9 @@ are renamed into C{queued/} first, the envelope last, and the directory is
 fsynced before the commit's L{Deferred} fires.  A C{.msg} without a C{.env}
 is the trace of a crash before the 250 and is removed at start.
 
-One relay process at a time owns a spool (C{lock}, see L{Spool.prepare}).
+One relay process at a time owns a spool (C{lock}, see L{Spool.prepare});
+its worker processes (C{[server] workers}) add messages to it and hand them
+to it with L{Spool.adopt}.
 Every file operation runs off the reactor thread (C{runInThread}); the
 operations of one message run in order.
 """
@@ -443,8 +445,17 @@ class Spool:
         """
         self._listeners.append(listener)
 
-    def _committed(self, queueId: str, envelope: Envelope) -> None:
-        if len(self._recent) < self.recentLimit:
+    def adopt(self, queueId: str, envelope: Envelope | None) -> None:
+        """
+        A worker process committed C{queueId} to this spool (C{[server]
+        workers}): tell the listeners, as for a message of our own.
+
+        @param envelope: its envelope, or C{None} to read it from disk.
+        """
+        self._committed(queueId, envelope)
+
+    def _committed(self, queueId: str, envelope: Envelope | None) -> None:
+        if envelope is not None and len(self._recent) < self.recentLimit:
             self._recent[queueId] = envelope
         for listener in self._listeners:
             try:

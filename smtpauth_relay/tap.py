@@ -32,6 +32,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["config", "c", None, "Path of the TOML configuration file (required)."],
     ]
 
+    def opt_auth(self, description: str) -> None:
+        """
+        Add a credential checker (Twisted strcred syntax); may be repeated.
+        """
+        super().opt_auth(description)
+        # Worker processes ([server] workers) make their own from the text.
+        self.setdefault("authArguments", []).extend(["--auth", description])
+
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config PATH is required")
@@ -53,7 +61,12 @@ def makeService(options: Options) -> Any:
 
     config: Config = options["relayConfig"]
     try:
-        relay = makeRelayService(config, reactor, options.get("credCheckers", []))
+        relay = makeRelayService(
+            config,
+            reactor,
+            options.get("credCheckers", []),
+            options.get("authArguments", []),
+        )
     except (SpoolLocked, ListenerUnavailable) as e:
         raise SystemExit(f"smtpauth-relay: {e}") from None
     root = LogObserverRoot(

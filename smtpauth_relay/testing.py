@@ -568,3 +568,74 @@ async def _contractSessionLogin(
         return transport.value()[:3]
     finally:
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class PipeTransport(StringTransport):
+    """
+    One end of an in-memory connection (L{connectPair}): what is written
+    waits in the other end's inbox until L{Pump.flush}.  (Not delivered at
+    once: AMP registers a question only after sending it.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peer: PipeTransport | None = None
+        self.protocol: Any = None
+        self.inbox: list[bytes] = []
+        self.lost = False
+
+    def write(self, data: bytes) -> None:
+        if self.lost:
+            return
+        assert self.peer is not None
+        self.peer.inbox.append(data)
+
+    def loseConnection(self) -> None:
+        """
+        Close both ends: each protocol's C{connectionLost} is called.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        for end in (self, self.peer):
+            if end is not None and not end.lost:
+                end.lost = True
+                end.disconnecting = True
+                end.inbox.clear()
+                end.protocol.connectionLost(Failure(ConnectionDone()))
+
+    abortConnection = loseConnection
+
+
+class Pump:
+    """
+    Delivers what the two ends of a L{connectPair} wrote to each other.
+    """
+
+    def __init__(self, a: PipeTransport, b: PipeTransport) -> None:
+        self.a = a
+        self.b = b
+
+    def flush(self) -> None:
+        """
+        Deliver until neither end has anything waiting.
+        """
+        while self.a.inbox or self.b.inbox:
+            for end in (self.a, self.b):
+                while end.inbox and not end.lost:
+                    end.protocol.dataReceived(end.inbox.pop(0))
+
+
+def connectPair(a: Any, b: Any) -> Pump:
+    """
+    Connect protocols C{a} and C{b} through in-memory transports.
+
+    @return: the L{Pump} that delivers between them; its C{a} and C{b}
+        are their transports.
+    """
+    ta, tb = PipeTransport(), PipeTransport()
+    ta.peer, tb.peer = tb, ta
+    ta.protocol, tb.protocol = a, b
+    a.makeConnection(ta)
+    b.makeConnection(tb)
+    return Pump(ta, tb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -93,9 +94,16 @@ class Harness:
             directlyProvides(transport, ISSLTransport)
         protocol = self.factory.buildProtocol(address)
         protocol.makeConnection(transport)
+        self.settle()
         if self.settings.tlsMode == "implicit":
             protocol.handshakeCompleted()
-        return Session(protocol, transport)
+        return Session(protocol, transport, self.settle)
+
+    def settle(self) -> None:
+        """
+        Let what the sessions started finish (nothing here; a worker's
+        harness delivers its channel's messages).
+        """
 
 
 class Session:
@@ -103,15 +111,22 @@ class Session:
     One connected session: send bytes, read the reply lines.
     """
 
-    def __init__(self, protocol: RelayESMTP, transport: TLSStringTransport) -> None:
+    def __init__(
+        self,
+        protocol: RelayESMTP,
+        transport: TLSStringTransport,
+        settle: Callable[[], None] = lambda: None,
+    ) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.settle = settle
         self.greeting = self.read()
 
     def read(self) -> list[bytes]:
         """
         The reply lines written since the last read.
         """
+        self.settle()
         data = self.transport.value()
         self.transport.clear()
         return data.split(b"\r\n")[:-1]

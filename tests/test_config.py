@@ -1345,6 +1345,26 @@ class EnumTests(ConfigTestCase):
             ["relay.toml:2: [queue] flow_delay: must be 0 or more seconds, got -1"],
         )
 
+    def test_workers(self) -> None:
+        """
+        C{[server] workers} is one process per core by default (stored as
+        0, as for C{"auto"}), or 1 to 64 processes.
+        """
+        self.assertEqual(parseConfig(complete(""), "relay.toml").server.workers, 0)
+        for text, expected in [('"auto"', 0), ("1", 1), ("4", 4), ("64", 64)]:
+            config = parseConfig(complete(f"[server]\nworkers = {text}\n"), "r.toml")
+            self.assertEqual(config.server.workers, expected)
+        for text, problem in [
+            ("0", 'must be from 1 to 64 or "auto", got 0'),
+            ("65", 'must be from 1 to 64 or "auto", got 65'),
+            ('"all"', 'expected an integer or "auto", got a string ("all")'),
+            ("true", 'expected an integer or "auto", got a boolean (true)'),
+        ]:
+            self.assertEqual(
+                self.problemsOf(complete(f"[server]\nworkers = {text}\n")),
+                [f"relay.toml:2: [server] workers: {problem}"],
+            )
+
     def test_maildirNeedsDirectory(self) -> None:
         """
         Maildir delivery without a directory is reported: without a line

@@ -30,6 +30,7 @@ from smtpauth_relay.logformat import (
     observerFor,
     textObserver,
     twistdLogsToStdout,
+    workerObserver,
 )
 
 
@@ -165,6 +166,32 @@ class JSONLinesObserverTests(SynchronousTestCase):
         self.assertIn("zoë", lines[0])
         self.assertEqual(second["level"], "warn")
         self.assertEqual(second["message"], "two\nlines 2")
+
+
+class WorkerObserverTests(SynchronousTestCase):
+    """
+    Tests for L{workerObserver}.
+    """
+
+    def test_tagged(self) -> None:
+        """
+        A worker's lines say which worker wrote them: in the text line's
+        bracket, and as a C{worker} field in JSON.
+        """
+        text, jsonOut = io.StringIO(), io.StringIO()
+        observer = workerObserver(textObserver(text), 2)
+        verifyObject(ILogObserver, observer)
+        Logger(namespace="smtpauth_relay.server", observer=observer).info(
+            "accepted {n}", n=1
+        )
+        self.assertIn(
+            "[smtpauth_relay.server#info worker=2] accepted 1", text.getvalue()
+        )
+        Logger(
+            namespace="x", observer=workerObserver(JSONLinesObserver(jsonOut), 3)
+        ).warn("hi")
+        record = json.loads(jsonOut.getvalue())
+        self.assertEqual((record["worker"], record["level"]), (3, "warn"))
 
 
 class ObserverForTests(SynchronousTestCase):

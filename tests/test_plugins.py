@@ -62,6 +62,8 @@ def configText(
     text = f"""\
 [server]
 hostname = "relay.example.org"
+# One process: a memory reactor starts no worker processes.
+workers = 1
 
 [tls]
 certificate = "{cert}"

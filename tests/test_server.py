@@ -1175,11 +1175,13 @@ class RelayPolicyTests(SynchronousTestCase):
 
 
 class ConnectionTests(SynchronousTestCase):
+    harnessClass = Harness
+
     def test_idleTimeout(self) -> None:
         """
         An idle session gets 421 4.4.2 after idle_timeout and is closed.
         """
-        harness = Harness(idleTimeout=300)
+        harness = self.harnessClass(idleTimeout=300)
         session = harness.connect()
         harness.clock.advance(299)
         self.assertFalse(session.closed())
@@ -1198,7 +1200,7 @@ class ConnectionTests(SynchronousTestCase):
         client that never reads, or never finishes its TLS handshake) is
         aborted after the grace period, so it gives back its slot.
         """
-        harness = Harness(idleTimeout=300)
+        harness = self.harnessClass(idleTimeout=300)
         session = harness.connect()
         harness.clock.advance(300)
         self.assertTrue(session.closed())
@@ -1212,7 +1214,7 @@ class ConnectionTests(SynchronousTestCase):
         sent STARTTLS and then nothing) is aborted at once: no reply can
         reach it anyway.
         """
-        harness = Harness(idleTimeout=300)
+        harness = self.harnessClass(idleTimeout=300)
         session = harness.connect()
         session.command(b"EHLO client.example")
         session.command(b"STARTTLS")
@@ -1224,14 +1226,14 @@ class ConnectionTests(SynchronousTestCase):
         The protocol hears of completed TLS handshakes from Twisted's TLS
         layer (L{IHandshakeListener}).
         """
-        session = Harness().connect()
+        session = self.harnessClass().connect()
         self.assertTrue(verifyObject(IHandshakeListener, session.protocol))
 
     def test_noAbortAfterCleanClose(self) -> None:
         """
         Once the connection is gone, the abort fallback is cancelled.
         """
-        harness = Harness()
+        harness = self.harnessClass()
         session = harness.connect()
         session.command(b"QUIT")
         session.protocol.connectionLost(None)  # type: ignore[arg-type]
@@ -1242,7 +1244,7 @@ class ConnectionTests(SynchronousTestCase):
         The idle timer does not run while the server itself is busy (a slow
         password check).
         """
-        harness = Harness(idleTimeout=300)
+        harness = self.harnessClass(idleTimeout=300)
         session = harness.connect()
         session.startTLS()
         session.command(b"EHLO client.example")
@@ -1256,7 +1258,7 @@ class ConnectionTests(SynchronousTestCase):
         Beyond max_connections_per_ip the client gets 421 4.7.0 at connect;
         other addresses are still served.
         """
-        harness = Harness(maxPerAddress=2)
+        harness = self.harnessClass(maxPerAddress=2)
         first, second = harness.connect(), harness.connect()
         third = harness.connect()
         self.assertEqual(
@@ -1274,7 +1276,7 @@ class ConnectionTests(SynchronousTestCase):
         """
         Beyond max_connections every new client gets 421 4.7.0 at connect.
         """
-        harness = Harness(maxConnections=2)
+        harness = self.harnessClass(maxConnections=2)
         harness.connect("192.0.2.1")
         harness.connect("192.0.2.2")
         self.assertEqual(
@@ -1491,8 +1493,10 @@ class RobustnessTests(SynchronousTestCase):
 
 
 class LockoutTests(SynchronousTestCase):
+    harnessClass = Harness
+
     def setUp(self) -> None:
-        self.harness = Harness(
+        self.harness = self.harnessClass(
             lockout=LockoutConfig(max_failures=3, tarpit=2),
             sessionMaxAuthFailures=10,
         )
@@ -1589,7 +1593,7 @@ class LockoutTests(SynchronousTestCase):
         A session with session_max_failures failed logins is closed with
         421 4.7.0.
         """
-        harness = Harness(
+        harness = self.harnessClass(
             lockout=LockoutConfig(max_failures=100, tarpit=0),
             sessionMaxAuthFailures=2,
         )
@@ -1780,12 +1784,14 @@ class SessionTimeTests(SynchronousTestCase):
 
 
 class RateLimitTests(SynchronousTestCase):
+    harnessClass = Harness
+
     def test_messagesPerHour(self) -> None:
         """
         A user past messages_per_hour gets 451 4.7.1 at MAIL, until the hour
         has passed.
         """
-        harness = Harness(limits=LimitsConfig(messages_per_hour=2))
+        harness = self.harnessClass(limits=LimitsConfig(messages_per_hour=2))
         session = authenticated(harness)
         for _ in range(2):
             transaction(session)
@@ -1805,7 +1811,7 @@ class RateLimitTests(SynchronousTestCase):
         Recipients count towards recipients_per_hour, including those of the
         transaction under way.
         """
-        harness = Harness(limits=LimitsConfig(recipients_per_hour=3))
+        harness = self.harnessClass(limits=LimitsConfig(recipients_per_hour=3))
         session = authenticated(harness)
         transaction(session, b"a@example.net", b"b@example.net")
         session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
@@ -1822,7 +1828,7 @@ class RateLimitTests(SynchronousTestCase):
         """
         One user's limit does not hold back another user.
         """
-        harness = Harness(limits=LimitsConfig(messages_per_hour=1))
+        harness = self.harnessClass(limits=LimitsConfig(messages_per_hour=1))
         alice = authenticated(harness)
         transaction(alice)
         alice.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
@@ -1840,7 +1846,7 @@ class RateLimitTests(SynchronousTestCase):
         Past connections_per_minute from one address, new connections get
         421 4.7.0; a minute later they are served again.
         """
-        harness = Harness(limits=LimitsConfig(connections_per_minute=2))
+        harness = self.harnessClass(limits=LimitsConfig(connections_per_minute=2))
         for _ in range(2):
             harness.connect().protocol.connectionLost(None)  # type: ignore[arg-type]
         self.assertEqual(
@@ -1857,7 +1863,7 @@ class RateLimitTests(SynchronousTestCase):
         After messages_per_session messages the session is closed with 421
         4.7.0 at the next MAIL.
         """
-        harness = Harness(limits=LimitsConfig(messages_per_session=1))
+        harness = self.harnessClass(limits=LimitsConfig(messages_per_session=1))
         session = authenticated(harness)
         transaction(session)
         session.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")

@@ -262,6 +262,32 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         other = Spool(self.directory, self.runner, self.clock)
         self.assertRaises(SpoolLocked, other.prepare)
 
+    def test_workerSpool(self) -> None:
+        """
+        A worker process's spool on the same directory (not prepared: the
+        main process holds the lock) writes messages the main spool sees
+        once adopted: the listeners hear of them, the envelope given (or
+        none) is what the first attempt uses.
+        """
+        worker = Spool(self.directory, self.runner, self.clock)
+        heard: list[str] = []
+        worker.addListener(heard.append)
+        writer = worker.newMessage()
+        writer.write(b"Subject: from a worker\n\nhi\n")
+        envelope = envelopeFor(writer.queueId)
+        queueId = self.successResultOf(writer.commit(envelope))
+        self.assertEqual(heard, [queueId])
+        self.assertEqual(worker.recent(queueId), envelope)
+        self.assertEqual(self.spool.queued(), [queueId])
+        self.assertEqual(self.committed, [])
+        self.spool.adopt(queueId, envelope)
+        self.assertEqual(self.committed, [queueId])
+        self.assertEqual(self.spool.recent(queueId), envelope)
+        self.spool.adopt(queueId, None)
+        self.assertIsNone(self.spool.recent(queueId))
+        self.assertEqual(self.spool.load(queueId), envelope)
+        self.assertIn(b"Subject: from a worker", self.messageOf(queueId))
+
     def test_envelopeWithoutMessageQuarantined(self) -> None:
         """
         An envelope whose message bytes are missing is moved to C{corrupt/}

@@ -1,0 +1,234 @@
+"""
+A worker process (C{[server] workers}, see L{smtpauth_relay.workers}): SMTP
+sessions on listening sockets inherited from the main process, which it
+reaches over the channel on descriptor 3 (L{smtpauth_relay.ipc}).
+
+Started by the main process only::
+
+    python -m smtpauth_relay.worker --config PATH --index N \\
+        --listener LISTENER:FD ... [--auth CHECKER ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.cred import strcred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, globalLogBeginner
+
+from smtpauth_relay.config import Config, loadConfig
+from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.ipc import (
+    MetricsForwarder,
+    RemoteAdmission,
+    RemoteFlow,
+    RemoteLockout,
+    RemoteRateLimits,
+    WorkerChannel,
+)
+from smtpauth_relay.logformat import JSONLinesObserver, textObserver, workerObserver
+from smtpauth_relay.server import ConnectionLimiter
+from smtpauth_relay.service import (
+    Relay,
+    Reloader,
+    SessionDrain,
+    makeListenerFactory,
+    makeSessionParts,
+)
+from smtpauth_relay.spool import Spool
+from smtpauth_relay.systemd import Notifier, NotifyService
+from smtpauth_relay.threads import ownThreadPool, threadPoolRunner
+from smtpauth_relay.workers import CHANNEL_FD
+
+log = Logger(namespace="smtpauth_relay.worker")
+
+
+class AdoptedListener(Service):
+    """
+    Accepts connections on an inherited listening socket.
+    """
+
+    def __init__(self, reactor: Any, fd: int, factory: Any, endpoint: str) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.endpoint = endpoint
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        probe = socket.socket(fileno=self.fd)
+        family = probe.family
+        probe.detach()
+        # adoptStreamPort takes a copy of the descriptor.
+        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
+        os.close(self.fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class WorkerService(MultiService):
+    """
+    A worker's services; once they have stopped (the sessions drained), the
+    last session counts go to the main process.
+    """
+
+    def __init__(self, metrics: MetricsForwarder) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.metrics.flush()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+
+def makeWorkerService(
+    config: Config,
+    reactor: Any,
+    channelFd: int,
+    listeners: Sequence[tuple[int, int]],
+    extraCheckers: Sequence[ICredentialsChecker] = (),
+) -> MultiService:
+    """
+    Build a worker: its sessions, on the listening sockets C{listeners}
+    (C{(listener index, descriptor)}), its channel on C{channelFd}.
+    Blocking (it reads the TLS files).
+    """
+
+    def lost(reason: Any) -> None:
+        if reactor.running:
+            log.warn("the main process is gone; this worker stops")
+            reactor.stop()
+
+    channel = WorkerChannel(lost=lost)
+    from twisted.internet.protocol import Factory
+
+    class _Channel(Factory):
+        def buildProtocol(self, addr: Any) -> WorkerChannel:
+            return channel
+
+    reactor.adoptStreamConnection(channelFd, socket.AF_UNIX, _Channel())
+    os.close(channelFd)
+
+    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
+    # The main process prepared (and locked) the spool; a worker only adds
+    # messages to it.
+    spool = Spool(config.queue.directory, runInThread, reactor)
+    spool.addListener(lambda queueId: channel.queued(queueId, spool.recent(queueId)))
+    # Counting and refusing is the main process's (RemoteAdmission); this
+    # limiter only knows this process's sessions, to close them at shutdown.
+    limiter = ConnectionLimiter(sys.maxsize, sys.maxsize)
+    lockout = RemoteLockout(channel, config.auth.lockout)
+    limits = RemoteRateLimits(channel, config.limits)
+    flow = RemoteFlow(channel, config.queue.flow_delay)
+    metrics = MetricsForwarder(channel, reactor)
+    top = WorkerService(metrics)
+    parts = makeSessionParts(
+        config,
+        reactor,
+        extraCheckers,
+        spool,
+        limiter,
+        lockout,
+        limits,
+        metrics,
+        flow,
+        RemoteAdmission(channel),
+    )
+    factories = []
+    for index, fd in listeners:
+        listener = config.listeners[index]
+        sessions, factory = makeListenerFactory(config, listener, parts)
+        factories.append(sessions)
+        AdoptedListener(reactor, fd, factory, listener.endpoint).setServiceParent(top)
+    SessionDrain(limiter, reactor).setServiceParent(top)
+    Reloader(
+        Relay.fromParts(config, extraCheckers, factories, parts, None),
+        NotifyService(Notifier({}), reactor),
+        reactor,
+    ).setServiceParent(top)
+    return top
+
+
+def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m smtpauth_relay.worker",
+        description="An smtpauth-relay worker process (started by the relay).",
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--auth", action="append", default=[])
+    return parser.parse_args(argv)
+
+
+def listenerDescriptors(values: Sequence[str]) -> list[tuple[int, int]]:
+    """
+    C{["0:4", "1:5"]} to C{[(0, 4), (1, 5)]}.
+    """
+    result = []
+    for value in values:
+        index, fd = value.split(":", 1)
+        result.append((int(index), int(fd)))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parseArguments(sys.argv[1:] if argv is None else argv)
+    # A reload asked for while we start (before the Reloader listens for
+    # SIGHUP) is done once we run: the configuration may have changed
+    # after we read it.
+    hangups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+    try:
+        config = loadConfig(args.config)
+    except ConfigError as e:
+        raise SystemExit(
+            f"smtpauth-relay worker {args.index}: invalid configuration:\n"
+            + "\n".join(e.problems)
+        ) from None
+    observer: Any = (
+        JSONLinesObserver(sys.stdout)
+        if config.logging.format == "json"
+        else textObserver(sys.stdout)
+    )
+    globalLogBeginner.beginLoggingTo(
+        [workerObserver(observer, args.index)], redirectStandardIO=False
+    )
+    from twisted.internet import reactor
+
+    service = makeWorkerService(
+        config,
+        reactor,
+        CHANNEL_FD,
+        listenerDescriptors(args.listener),
+        [strcred.makeChecker(a) for a in args.auth],
+    )
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    log.info("worker {index} running (pid {pid})", index=args.index, pid=os.getpid())
+    if hangups:
+        (reloader,) = [s for s in service if isinstance(s, Reloader)]
+        reactor.callWhenRunning(reloader.reload)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""
+Tests for L{smtpauth_relay.workers}: how many workers, how they are
+started, started again, reloaded and stopped.  (The end-to-end tests run
+real worker processes.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from smtpauth_relay.config import ServerConfig
+from smtpauth_relay.ipc import MainChannel
+from smtpauth_relay.server import ConnectionLimiter
+from smtpauth_relay.worker import listenerDescriptors, parseArguments
+from smtpauth_relay.workers import (
+    BOOTSTRAP,
+    CHANNEL_FD,
+    FIRST_LISTENER_FD,
+    WorkerSupervisor,
+    workerCommand,
+    workerCount,
+    workerEnvironment,
+)
+
+
+class FakeProcessTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+class FakeReactor(Clock):
+    """
+    A clock that records the processes spawned and the connections adopted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], dict[str, str], dict[int, Any]]] = []
+        self.adopted: list[tuple[int, Any]] = []
+
+    def spawnProcess(
+        self,
+        protocol: Any,
+        executable: str,
+        args: list[str],
+        env: dict[str, str],
+        childFDs: dict[int, Any],
+    ) -> FakeProcessTransport:
+        transport = FakeProcessTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, dict(childFDs)))
+        return transport
+
+    def adoptStreamConnection(self, fd: int, family: Any, factory: Any) -> None:
+        os.fstat(fd)  # still open while being adopted
+        self.adopted.append((fd, factory.buildProtocol(None)))
+
+
+class FakePort:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class FakeListeningService:
+    def __init__(self, fd: int) -> None:
+        self._waitingForPort = succeed(FakePort(fd))
+
+
+class CountTests(SynchronousTestCase):
+    def test_auto(self) -> None:
+        """
+        By default (0, "auto") one process per core; at least one.
+        """
+        config: Any = SimpleNamespace(server=ServerConfig(workers=0))
+        self.assertEqual(workerCount(config, lambda: 8), 8)
+        self.assertEqual(workerCount(config, lambda: None), 1)
+        config.server = ServerConfig(workers=3)
+        self.assertEqual(workerCount(config, lambda: 8), 3)
+
+
+class CommandTests(SynchronousTestCase):
+    def test_environment(self) -> None:
+        """
+        A worker does not see systemd's variables (only the main process
+        talks to systemd) and can import this package.
+        """
+        env = workerEnvironment(
+            {
+                "NOTIFY_SOCKET": "/run/x",
+                "LISTEN_FDS": "2",
+                "LISTEN_PID": "1",
+                "WATCHDOG_USEC": "1",
+                "PATH": "/bin",
+                "PYTHONPATH": "/elsewhere",
+            }
+        )
+        self.assertEqual(env["PATH"], "/bin")
+        for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC"):
+            self.assertNotIn(name, env)
+        root, rest = env["PYTHONPATH"].split(os.pathsep)
+        self.assertTrue(os.path.isdir(os.path.join(root, "smtpauth_relay")))
+        self.assertEqual(rest, "/elsewhere")
+
+    def test_commandParsed(self) -> None:
+        """
+        The worker parses the command line the supervisor writes.
+        """
+        command = workerCommand("/etc/relay.toml", 2, [0, 2], ["--auth", "memory:a:b"])
+        self.assertEqual(
+            command[:4], [sys.executable, "-c", BOOTSTRAP, str(os.getpid())]
+        )
+        args = parseArguments(command[4:])
+        self.assertEqual(args.config, "/etc/relay.toml")
+        self.assertEqual(args.index, 2)
+        self.assertEqual(args.auth, ["memory:a:b"])
+        self.assertEqual(
+            listenerDescriptors(args.listener),
+            [(0, FIRST_LISTENER_FD), (2, FIRST_LISTENER_FD + 1)],
+        )
+
+
+class BootstrapTests(SynchronousTestCase):
+    def bootstrap(self, parent: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", BOOTSTRAP, str(parent), "--help"],
+            env=workerEnvironment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def test_startsWorker(self) -> None:
+        """
+        Started by its main process, the bootstrap runs the worker module
+        with the arguments after the main process's id.
+        """
+        result = self.bootstrap(os.getpid())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("python -m smtpauth_relay.worker", result.stdout)
+
+    def test_orphanExits(self) -> None:
+        """
+        A worker whose main process is already gone exits at once.
+        """
+        result = self.bootstrap(1)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("the main process is gone", result.stderr)
+
+
+class SupervisorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.channels: list[MainChannel] = []
+
+        def makeChannel(lost: Any) -> MainChannel:
+            channel = MainChannel(
+                lambda q, e: None, ConnectionLimiter(10, 10), None, None, None, lost
+            )
+            self.channels.append(channel)
+            return channel
+
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            2,
+            "/etc/relay.toml",
+            ["--auth", "memory:a:b"],
+            [(0, FakeListeningService(40)), (1, FakeListeningService(41))],
+            makeChannel,
+        )
+        self.supervisor.startService()
+
+    def end(self, index: int, reason: Any = None) -> None:
+        process = self.supervisor.processes[index]
+        process.processEnded(Failure(reason or ProcessTerminated(signal=9)))
+
+    def test_started(self) -> None:
+        """
+        Each worker gets the listening sockets, its channel on descriptor 3
+        and the standard output and error; nothing else.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for n, (_, args, env, childFDs) in enumerate(self.reactor.spawned):
+            self.assertNotIn("NOTIFY_SOCKET", env)
+            self.assertEqual(
+                args,
+                workerCommand(
+                    "/etc/relay.toml", n + 1, [0, 1], ["--auth", "memory:a:b"]
+                ),
+            )
+            self.assertEqual(childFDs[1], 1)
+            self.assertEqual(childFDs[2], 2)
+            self.assertEqual(childFDs[FIRST_LISTENER_FD], 40)
+            self.assertEqual(childFDs[FIRST_LISTENER_FD + 1], 41)
+            self.assertEqual(sorted(childFDs), [1, 2, CHANNEL_FD, FIRST_LISTENER_FD, 5])
+        self.assertEqual(
+            [protocol for _, protocol in self.reactor.adopted], self.channels
+        )
+
+    def test_restarted(self) -> None:
+        """
+        A worker that dies is started again after a pause that doubles
+        while it keeps dying young, up to 30 seconds.
+        """
+        pauses = []
+        for _ in range(7):
+            spawned = len(self.reactor.spawned)
+            self.end(1)
+            self.assertNotIn(1, self.supervisor.processes)
+            pause = self.supervisor._restarts[1].getTime() - self.reactor.seconds()
+            pauses.append(pause)
+            self.reactor.advance(pause)
+            self.assertEqual(len(self.reactor.spawned), spawned + 1)
+            self.assertIn(1, self.supervisor.processes)
+        self.assertEqual(pauses, [1, 2, 4, 8, 16, 30, 30])
+        self.reactor.advance(61)
+        self.end(1)
+        self.assertEqual(
+            self.supervisor._restarts[1].getTime() - self.reactor.seconds(), 1
+        )
+        self.flushLoggedErrors()
+
+    def test_reload(self) -> None:
+        """
+        A reload is passed on to every worker as SIGHUP.
+        """
+        self.supervisor.reload()
+        for process in self.supervisor.processes.values():
+            self.assertEqual(process.transport.signals, [signal.SIGHUP])  # type: ignore[union-attr]
+
+    def test_stop(self) -> None:
+        """
+        At shutdown each worker is sent SIGTERM; the stop is over when all
+        have ended, and none is started again.
+        """
+        d = self.supervisor.stopService()
+        processes = list(self.supervisor.processes.values())
+        for process in processes:
+            self.assertEqual(process.transport.signals, [signal.SIGTERM])  # type: ignore[union-attr]
+        self.end(1, ProcessDone(0))
+        self.assertNoResult(d)
+        self.end(2, ProcessDone(0))
+        self.successResultOf(d)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for process in processes:
+            self.assertEqual(process.transport.signals, [signal.SIGTERM])  # type: ignore[union-attr]
+
+    def test_stopKillsLaggards(self) -> None:
+        """
+        A worker still running after the grace period is killed.
+        """
+        d = self.supervisor.stopService()
+        self.reactor.advance(self.supervisor.grace)
+        for process in self.supervisor.processes.values():
+            self.assertEqual(
+                process.transport.signals,  # type: ignore[union-attr]
+                [signal.SIGTERM, signal.SIGKILL],
+            )
+        self.end(1, ProcessTerminated(signal=9))
+        self.end(2, ProcessTerminated(signal=9))
+        self.successResultOf(d)
+
+    def test_stopCancelsRestart(self) -> None:
+        """
+        A restart pending at shutdown does not happen.
+        """
+        self.end(1)
+        self.end(2)
+        self.successResultOf(self.supervisor.stopService())
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.flushLoggedErrors()
