@@ -19,9 +19,17 @@ by C{link} then C{unlink} of its C{free/} name; a crash between the two
 leaves a C{free/} name on a queued file, which L{FilePool.prepare}
 recognises by its inode and only unlinks.
 
+With worker processes (C{[server] workers}), the main process removes
+every delivered message, the workers' included, while each worker writes its
+own: the main process shares the files it releases.  Each worker has its own
+directory, C{free/wN/}, that only it takes files from; the main process
+moves a released file there (one C{rename}) while it owes that worker files,
+two for each message the worker queued (L{FilePool.owe}), and keeps it
+otherwise.  A worker lists its directory when it has run out.
+
 All methods run in the spool's threads (L{FilePool.prepare} at start);
-the list of free names is a L{collections.deque}, whose C{append} and
-C{pop} are atomic.
+the lists of free names and of files owed are L{collections.deque}s, whose
+C{append}, C{pop} and C{popleft} are atomic.
 """
 
 from __future__ import annotations
@@ -45,19 +53,28 @@ class FilePool:
 
     keep = 8192
 
-    def __init__(self, directory: str, tmpDirectory: str) -> None:
+    def __init__(
+        self, directory: str, tmpDirectory: str, fromMain: bool = False
+    ) -> None:
         """
         @param directory: where free files are kept (C{free/}).
         @param tmpDirectory: where new files are created when none is free;
             both on the spool's file system.
+        @param fromMain: a worker's pool, on its directory (L{outlet}) that
+            the main process fills.
         """
         self.directory = directory
+        self.fromMain = fromMain
         self.tmpDirectory = tmpDirectory
         self._free: deque[str] = deque()
         self.created = 0
         """Files created because none was free (for tests and benchmarks)."""
         self.reused = 0
         """Files handed out from the pool (for tests and benchmarks)."""
+        self._owed: dict[int, deque[None]] = {}
+        self._outlets: dict[int, str] = {}
+        self._nextListing = 0
+        """C{created} at which L{take} next lists the directory."""
 
     def prepare(self, queued: set[int]) -> None:
         """
@@ -70,12 +87,22 @@ class FilePool:
         """
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         self._free.clear()
-        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+        entries: list[tuple[os.DirEntry[str], str]] = []
+        for entry in os.scandir(self.directory):
+            if entry.is_dir(follow_symlinks=False):
+                # A worker's: its files come back to the main process.
+                with os.scandir(entry.path) as inner:
+                    entries.extend((e, entry.path) for e in inner)
+            else:
+                entries.append((entry, ""))
+        for entry, worker in sorted(entries, key=lambda e: (e[1], e[0].name)):
             if entry.inode() in queued or len(self._free) >= self.keep:
                 os.unlink(entry.path)
                 continue
             if entry.stat(follow_symlinks=False).st_size:
                 os.truncate(entry.path, 0)
+            if worker:
+                os.rename(entry.path, os.path.join(self.directory, entry.name))
             self._free.append(entry.name)
 
     def __len__(self) -> int:
@@ -88,6 +115,8 @@ class FilePool:
 
         @return: its path and a file descriptor the caller closes.
         """
+        if self.fromMain and not self._free and self.created >= self._nextListing:
+            self._refill()
         while True:
             try:
                 name = self._free.pop()
@@ -104,6 +133,59 @@ class FilePool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.created += 1
         return path, fd
+
+    def _refill(self) -> None:
+        """
+        Take stock of the directory (a worker's, which the main process
+        fills); when it is empty, look again only after another message's
+        two files have been created.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            names = []
+        self._free.extend(names)
+        if not names:
+            self._nextListing = self.created + 2
+
+    def outlet(self, worker: int) -> str:
+        """
+        Create worker C{worker}'s directory, C{free/wN/}; its pool is a
+        L{FilePool} on it.
+        """
+        directory = os.path.join(self.directory, f"w{worker}")
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        self._outlets[worker] = directory
+        self._owed.setdefault(worker, deque())
+        return directory
+
+    def owe(self, worker: int, count: int = 2) -> None:
+        """
+        Worker C{worker} used C{count} files (a message's two): the next
+        released files go to it (see L{outlet}).
+        """
+        owed = self._owed.get(worker)
+        if owed is not None and len(owed) < self.keep:
+            owed.extend([None] * count)
+
+    def _give(self, path: str) -> bool:
+        """
+        Move a released file to a worker that is owed one.
+        """
+        for worker, owed in list(self._owed.items()):
+            try:
+                owed.popleft()
+            except IndexError:
+                continue
+            try:
+                os.rename(
+                    path, os.path.join(self._outlets[worker], os.path.basename(path))
+                )
+            except OSError as e:
+                log.warn("could not pass {path} on: {error}", path=path, error=e)
+                return False
+            return True
+        return False
 
     def retire(self, path: str) -> str | None:
         """
@@ -141,4 +223,5 @@ class FilePool:
                 # Left as it is: prepare truncates it at the next start.
                 log.warn("could not truncate {path}: {error}", path=path, error=e)
                 continue
-            self._free.append(os.path.basename(path))
+            if not self._give(path):
+                self._free.append(os.path.basename(path))

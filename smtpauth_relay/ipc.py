@@ -176,6 +176,16 @@ class FlowChanged(amp.Command):
     requiresAnswer = False
 
 
+class Ready(amp.Command):
+    """
+    A worker has started: it takes sessions, and a reload (SIGHUP) now
+    reaches its Reloader.
+    """
+
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
+    requiresAnswer = False
+
+
 class SessionCounts(amp.Command):
     """
     A worker's session metrics since its last report: a JSON list of
@@ -210,6 +220,9 @@ class MainChannel(amp.AMP):
     ) -> None:
         super().__init__()
         self.metrics = metrics
+        self.ready = False
+        """Whether the worker said L{Ready}."""
+        self.onReady: Callable[[MainChannel], object] = lambda channel: None
         # The worker's open connections by listener, closed in the metrics
         # if it dies without saying so.
         self.openConnections: Counter[str] = Counter()
@@ -251,6 +264,12 @@ class MainChannel(amp.AMP):
     @Queued.responder
     def queued(self, queueId: str, envelope: bytes) -> dict[str, Any]:
         self.committed(queueId, Envelope.fromJSON(envelope) if envelope else None)
+        return {}
+
+    @Ready.responder
+    def workerReady(self) -> dict[str, Any]:
+        self.ready = True
+        self.onReady(self)
         return {}
 
     @SessionCounts.responder

@@ -155,6 +155,19 @@ def warnLegacyLane(listener: ListenerConfig) -> None:
         )
 
 
+def workerSpool(spool: Spool, index: int) -> Callable[[str, Any], None]:
+    """
+    What the main process does with worker C{index}'s committed messages:
+    queue them, and give it back the spool files they used.
+    """
+    spool.files.outlet(index)
+
+    def committed(queueId: str, envelope: Any) -> None:
+        spool.adopt(queueId, envelope, index)
+
+    return committed
+
+
 @dataclass
 class SessionParts:
     """
@@ -378,8 +391,8 @@ def makeRelayService(
             config.path,
             list(workerArguments),
             listening,
-            lambda lost: MainChannel(
-                spool.adopt, limiter, lockout, limits, flow, lost, metrics
+            lambda index, lost: MainChannel(
+                workerSpool(spool, index), limiter, lockout, limits, flow, lost, metrics
             ),
         )
         supervisor.setServiceParent(top)

@@ -259,13 +259,23 @@ class Spool:
         directory: str,
         runInThread: RunInThread,
         clock: Any,
+        worker: int | None = None,
     ) -> None:
+        """
+        @param worker: in worker process number C{worker}, which adds
+            messages to the main process's spool (C{[server] workers}).
+        """
         self.directory = directory
         self.tmpDirectory = os.path.join(directory, "tmp")
         self.queuedDirectory = os.path.join(directory, "queued")
         self.runInThread = runInThread
         self.directorySync = DirectorySync(self.queuedDirectory, runInThread)
-        self.files = FilePool(os.path.join(directory, "free"), self.tmpDirectory)
+        free = os.path.join(directory, "free")
+        self.files = (
+            FilePool(free, self.tmpDirectory)
+            if worker is None
+            else FilePool(os.path.join(free, f"w{worker}"), self.tmpDirectory, True)
+        )
         # Files out of the queue by a durable rename, to be released into
         # the pool by the next removal's thread (see remove).
         self._retired: list[str] = []
@@ -445,13 +455,19 @@ class Spool:
         """
         self._listeners.append(listener)
 
-    def adopt(self, queueId: str, envelope: Envelope | None) -> None:
+    def adopt(
+        self, queueId: str, envelope: Envelope | None, worker: int | None = None
+    ) -> None:
         """
         A worker process committed C{queueId} to this spool (C{[server]
         workers}): tell the listeners, as for a message of our own.
 
         @param envelope: its envelope, or C{None} to read it from disk.
+        @param worker: the worker's number: it is owed the two files it
+            used (L{FilePool.owe}).
         """
+        if worker is not None:
+            self.files.owe(worker)
         self._committed(queueId, envelope)
 
     def _committed(self, queueId: str, envelope: Envelope | None) -> None:

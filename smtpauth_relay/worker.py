@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -23,17 +22,25 @@ from twisted.application.service import MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger, globalLogBeginner
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+)
 
 from smtpauth_relay.config import Config, loadConfig
 from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.ipc import (
     MetricsForwarder,
+    Ready,
     RemoteAdmission,
     RemoteFlow,
     RemoteLockout,
     RemoteRateLimits,
     WorkerChannel,
+    tell,
 )
 from smtpauth_relay.logformat import JSONLinesObserver, textObserver, workerObserver
 from smtpauth_relay.server import ConnectionLimiter
@@ -87,9 +94,10 @@ class WorkerService(MultiService):
     last session counts go to the main process.
     """
 
-    def __init__(self, metrics: MetricsForwarder) -> None:
+    def __init__(self, metrics: MetricsForwarder, channel: WorkerChannel) -> None:
         super().__init__()
         self.metrics = metrics
+        self.channel = channel
 
     async def _stop(self) -> None:
         await super().stopService()
@@ -105,7 +113,8 @@ def makeWorkerService(
     channelFd: int,
     listeners: Sequence[tuple[int, int]],
     extraCheckers: Sequence[ICredentialsChecker] = (),
-) -> MultiService:
+    index: int = 1,
+) -> WorkerService:
     """
     Build a worker: its sessions, on the listening sockets C{listeners}
     (C{(listener index, descriptor)}), its channel on C{channelFd}.
@@ -130,7 +139,7 @@ def makeWorkerService(
     runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
     # The main process prepared (and locked) the spool; a worker only adds
     # messages to it.
-    spool = Spool(config.queue.directory, runInThread, reactor)
+    spool = Spool(config.queue.directory, runInThread, reactor, worker=index)
     spool.addListener(lambda queueId: channel.queued(queueId, spool.recent(queueId)))
     # Counting and refusing is the main process's (RemoteAdmission); this
     # limiter only knows this process's sessions, to close them at shutdown.
@@ -139,7 +148,7 @@ def makeWorkerService(
     limits = RemoteRateLimits(channel, config.limits)
     flow = RemoteFlow(channel, config.queue.flow_delay)
     metrics = MetricsForwarder(channel, reactor)
-    top = WorkerService(metrics)
+    top = WorkerService(metrics, channel)
     parts = makeSessionParts(
         config,
         reactor,
@@ -192,11 +201,6 @@ def listenerDescriptors(values: Sequence[str]) -> list[tuple[int, int]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parseArguments(sys.argv[1:] if argv is None else argv)
-    # A reload asked for while we start (before the Reloader listens for
-    # SIGHUP) is done once we run: the configuration may have changed
-    # after we read it.
-    hangups: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
     try:
         config = loadConfig(args.config)
     except ConfigError as e:
@@ -209,8 +213,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if config.logging.format == "json"
         else textObserver(sys.stdout)
     )
+    # Debug events are not written.
     globalLogBeginner.beginLoggingTo(
-        [workerObserver(observer, args.index)], redirectStandardIO=False
+        [
+            FilteringLogObserver(
+                workerObserver(observer, args.index),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+            )
+        ],
+        redirectStandardIO=False,
     )
     from twisted.internet import reactor
 
@@ -220,13 +231,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         CHANNEL_FD,
         listenerDescriptors(args.listener),
         [strcred.makeChecker(a) for a in args.auth],
+        args.index,
     )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     log.info("worker {index} running (pid {pid})", index=args.index, pid=os.getpid())
-    if hangups:
-        (reloader,) = [s for s in service if isinstance(s, Reloader)]
-        reactor.callWhenRunning(reloader.reload)
+    # From now on a reload reaches us (the main process waits for this to
+    # pass one on).
+    tell(service.channel, Ready)
     reactor.run()
 
 

@@ -145,6 +145,9 @@ class _WorkerProcess(ProcessProtocol):
         self.index = index
         self.ended: Deferred[None] = Deferred()
         self.started = supervisor.reactor.seconds()
+        self.channel: MainChannel | None = None
+        self.reloadPending = False
+        """A reload was asked for before the worker was ready."""
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -171,7 +174,7 @@ class WorkerSupervisor(Service):
         configPath: str,
         extraArguments: Sequence[str],
         listening: Sequence[tuple[int, Any]],
-        makeChannel: Callable[[Callable[[MainChannel], object]], MainChannel],
+        makeChannel: Callable[[int, Callable[[MainChannel], object]], MainChannel],
     ) -> None:
         """
         @param count: how many workers (beside the main process).
@@ -179,8 +182,8 @@ class WorkerSupervisor(Service):
         @param listening: C{(listener index, service)} of each listener: a
             L{twisted.application.internet.StreamServerEndpointService},
             listening once started.
-        @param makeChannel: makes the main side of a worker's channel, given
-            what to call when it is lost.
+        @param makeChannel: makes the main side of worker C{N}'s channel,
+            given C{N} and what to call when it is lost.
         """
         self.reactor = reactor
         self.count = count
@@ -231,7 +234,9 @@ class WorkerSupervisor(Service):
             def lost(channel: MainChannel) -> None:
                 self.channels.discard(channel)
 
-            channel = self.makeChannel(lost)
+            channel = self.makeChannel(index, lost)
+            channel.onReady = lambda channel: self._ready(process)
+            process.channel = channel
             self.channels.add(channel)
             self.reactor.adoptStreamConnection(
                 mine.fileno(), socket.AF_UNIX, _OneProtocol(channel)
@@ -276,17 +281,32 @@ class WorkerSupervisor(Service):
         Send C{signum} to every worker.
         """
         for process in list(self.processes.values()):
-            try:
-                assert process.transport is not None
-                process.transport.signalProcess(signum)
-            except (ProcessExitedAlready, OSError):
-                pass
+            self._signal(process, signum)
+
+    def _signal(self, process: _WorkerProcess, signum: int) -> None:
+        try:
+            assert process.transport is not None
+            process.transport.signalProcess(signum)
+        except (ProcessExitedAlready, OSError):
+            pass
 
     def reload(self) -> None:
         """
-        Pass a reload on: each worker reads the configuration again.
+        Pass a reload on: each worker reads the configuration again; one
+        still starting (that may have read it before it changed) does once
+        it is ready.
         """
-        self.signal(signal.SIGHUP)
+        for process in list(self.processes.values()):
+            if process.channel is not None and process.channel.ready:
+                self._signal(process, signal.SIGHUP)
+            else:
+                process.reloadPending = True
+
+    def _ready(self, process: _WorkerProcess) -> None:
+        log.info("worker {index} ready", index=process.index)
+        if process.reloadPending:
+            process.reloadPending = False
+            self._signal(process, signal.SIGHUP)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

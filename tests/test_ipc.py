@@ -42,8 +42,8 @@ from smtpauth_relay.lockout import Lock, Lockout
 from smtpauth_relay.metrics import RelayMetrics
 from smtpauth_relay.server import ConnectionLimiter
 from smtpauth_relay.testing import connectPair
+from tests import test_server
 from tests.support import Harness, plain
-from tests.test_server import ConnectionTests, LockoutTests, RateLimitTests
 
 
 def sample(metrics: RelayMetrics, name: str, **labels: str) -> float:
@@ -431,25 +431,25 @@ class WorkerHarness(Harness):
         self.pump.flush()
 
 
-class WorkerConnectionTests(ConnectionTests):
+class WorkerConnectionTests(test_server.ConnectionTests):
     """
-    L{ConnectionTests} in a worker process.
-    """
-
-    harnessClass = WorkerHarness
-
-
-class WorkerLockoutTests(LockoutTests):
-    """
-    L{LockoutTests} in a worker process.
+    L{test_server.ConnectionTests} in a worker process.
     """
 
     harnessClass = WorkerHarness
 
 
-class WorkerRateLimitTests(RateLimitTests):
+class WorkerLockoutTests(test_server.LockoutTests):
     """
-    L{RateLimitTests} in a worker process.
+    L{test_server.LockoutTests} in a worker process.
+    """
+
+    harnessClass = WorkerHarness
+
+
+class WorkerRateLimitTests(test_server.RateLimitTests):
+    """
+    L{test_server.RateLimitTests} in a worker process.
     """
 
     harnessClass = WorkerHarness

@@ -461,6 +461,71 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(os.path.getsize(os.path.join(free, "used")), 0)
         self.assertEqual(len(self.spool.files), 1)
 
+    def test_workerFilesReused(self) -> None:
+        """
+        The files of a worker's delivered messages go back to that worker
+        (into C{free/w1/}, once their removal is durable), and its next
+        messages are written into them.
+        """
+        self.spool.files.outlet(1)
+        worker = Spool(self.directory, self.runner, self.clock, worker=1)
+        queueIds = []
+        for text in (b"one\n", b"two\n"):
+            writer = worker.newMessage()
+            writer.write(text)
+            queueId = self.successResultOf(writer.commit(envelopeFor(writer.queueId)))
+            self.spool.adopt(queueId, None, worker=1)
+            queueIds.append(queueId)
+        firstInodes = self.inodes(queueIds[0])
+        self.assertEqual(worker.files.created, 4)
+        self.remove(queueIds[0])
+        # Released (and passed on) by the next removal's batch.
+        self.remove(queueIds[1])
+        outlet = os.path.join(self.directory, "free", "w1")
+        self.assertEqual(
+            {os.stat(os.path.join(outlet, n)).st_ino for n in os.listdir(outlet)},
+            firstInodes,
+        )
+        self.assertEqual(len(self.spool.files), 0)
+        writer = worker.newMessage()
+        writer.write(b"three\n")
+        third = self.successResultOf(writer.commit(envelopeFor(writer.queueId)))
+        self.assertEqual(self.inodes(third), firstInodes)
+        self.assertEqual(self.messageOf(third), b"three\n")
+        self.assertEqual((worker.files.created, worker.files.reused), (4, 2))
+        self.assertEqual(os.listdir(outlet), [])
+
+    def test_filesKeptWhenNotOwed(self) -> None:
+        """
+        The main process keeps the files of its own messages: a worker is
+        given only as many as it used.
+        """
+        self.spool.files.outlet(1)
+        first, second = self.commit(), self.commit()
+        self.remove(first)
+        self.remove(second)
+        self.assertEqual(len(self.spool.files), 2)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "free", "w1")), [])
+
+    def test_prepareTakesBackWorkerFiles(self) -> None:
+        """
+        At start, the files left in the workers' directories come back to
+        the main process's pool, emptied; one that is also queued (a crash
+        between link and unlink) only loses its free name.
+        """
+        queueId = self.commit(b"kept\n")
+        outlet = self.spool.files.outlet(2)
+        os.link(self.spool.messagePath(queueId), os.path.join(outlet, "stale"))
+        with open(os.path.join(outlet, "used"), "wb") as f:
+            f.write(b"old delivered mail")
+        self.spool.prepare()
+        free = os.path.join(self.directory, "free")
+        self.assertEqual(self.messageOf(queueId), b"kept\n")
+        self.assertEqual(os.listdir(outlet), [])
+        self.assertEqual(sorted(os.listdir(free)), ["used", "w2"])
+        self.assertEqual(os.path.getsize(os.path.join(free, "used")), 0)
+        self.assertEqual(len(self.spool.files), 1)
+
     def test_poolBounded(self) -> None:
         """
         At most C{keep} free files are kept; the files of later removals

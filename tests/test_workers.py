@@ -170,7 +170,8 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor = FakeReactor()
         self.channels: list[MainChannel] = []
 
-        def makeChannel(lost: Any) -> MainChannel:
+        def makeChannel(index: int, lost: Any) -> MainChannel:
+            self.assertIn(index, (1, 2))
             channel = MainChannel(
                 lambda q, e: None, ConnectionLimiter(10, 10), None, None, None, lost
             )
@@ -237,13 +238,24 @@ class SupervisorTests(SynchronousTestCase):
         )
         self.flushLoggedErrors()
 
+    def signals(self, index: int) -> list[int]:
+        transport = self.supervisor.processes[index].transport
+        return transport.signals  # type: ignore[union-attr,no-any-return]
+
     def test_reload(self) -> None:
         """
-        A reload is passed on to every worker as SIGHUP.
+        A reload is passed on as SIGHUP to every worker that is ready; one
+        still starting gets it once it says it is ready (it may have read
+        the configuration before it changed).
         """
+        self.channels[0].workerReady()
         self.supervisor.reload()
-        for process in self.supervisor.processes.values():
-            self.assertEqual(process.transport.signals, [signal.SIGHUP])  # type: ignore[union-attr]
+        self.assertEqual(self.signals(1), [signal.SIGHUP])
+        self.assertEqual(self.signals(2), [])
+        self.channels[1].workerReady()
+        self.assertEqual(self.signals(2), [signal.SIGHUP])
+        self.channels[1].workerReady()
+        self.assertEqual(self.signals(2), [signal.SIGHUP])
 
     def test_stop(self) -> None:
         """
