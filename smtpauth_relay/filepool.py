@@ -25,7 +25,9 @@ own: the main process shares the files it releases.  Each worker has its own
 directory, C{free/wN/}, that only it takes files from; the main process
 moves a released file there (one C{rename}) while it owes that worker files,
 two for each message the worker queued (L{FilePool.owe}), and keeps it
-otherwise.  A worker lists its directory when it has run out.
+otherwise.  A worker lists its directory when it has run out, and claims
+each file it takes by moving it to C{tmp/}: its spool threads list the same
+names, and only the move tells which one has a file.
 
 All methods run in the spool's threads (L{FilePool.prepare} at start);
 the lists of free names and of files owed are L{collections.deque}s, whose
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections import deque
 
 from twisted.logger import Logger
@@ -74,6 +77,7 @@ class FilePool:
         self._owed: dict[int, deque[None]] = {}
         self._outlets: dict[int, str] = {}
         self._nextListing = 0
+        self._listing = threading.Lock()
         """C{created} at which L{take} next lists the directory."""
 
     def prepare(self, queued: set[int]) -> None:
@@ -124,15 +128,32 @@ class FilePool:
                 break
             path = os.path.join(self.directory, name)
             try:
+                if self.fromMain:
+                    path = self._claim(path)
                 fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
             except FileNotFoundError:
                 continue
             self.reused += 1
             return path, fd
-        path = os.path.join(self.tmpDirectory, f"{secrets.token_hex(8)}.new")
+        path = self._newPath()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.created += 1
         return path, fd
+
+    def _newPath(self) -> str:
+        return os.path.join(self.tmpDirectory, f"{secrets.token_hex(8)}.new")
+
+    def _claim(self, path: str) -> str:
+        """
+        Make a listed file this writer's alone: moved to C{tmpDirectory}
+        (atomic: of two spool threads that listed it, one gets it, the
+        other L{FileNotFoundError}).  A file still in the directory is free;
+        a name is listed again as long as its file is there, even while
+        another thread writes it, so the name alone proves nothing.
+        """
+        claimed = self._newPath()
+        os.rename(path, claimed)
+        return claimed
 
     def _refill(self) -> None:
         """
@@ -140,13 +161,16 @@ class FilePool:
         fills); when it is empty, look again only after another message's
         two files have been created.
         """
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            names = []
-        self._free.extend(names)
-        if not names:
-            self._nextListing = self.created + 2
+        with self._listing:
+            if self._free:
+                return
+            try:
+                names = os.listdir(self.directory)
+            except FileNotFoundError:
+                names = []
+            self._free.extend(names)
+            if not names:
+                self._nextListing = self.created + 2
 
     def outlet(self, worker: int) -> str:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -20,6 +21,7 @@ from smtpauth_relay import spool as spoolModule
 from smtpauth_relay.durable import DirectorySync
 from smtpauth_relay.envelope import Attempt, Envelope
 from smtpauth_relay.errors import SpoolError, SpoolLocked
+from smtpauth_relay.filepool import FilePool
 from smtpauth_relay.interfaces import ISpool, ISpoolWriter
 from smtpauth_relay.spool import Spool, SpoolWriter, newQueueId
 from smtpauth_relay.testing import MemorySpool, RecordingRunner
@@ -667,3 +669,71 @@ class DirectorySyncTests(SynchronousTestCase):
         self.assertEqual(len(pending), 2)
         pending[1][0].callback(pending[1][1]())
         self.successResultOf(later)
+
+
+class WorkerFilePoolTests(SynchronousTestCase):
+    """
+    A worker's L{FilePool}: files the main process put in its directory,
+    taken by several spool threads.
+    """
+
+    def setUp(self) -> None:
+        base = self.mktemp()
+        self.outlet = os.path.join(base, "free", "w1")
+        self.tmp = os.path.join(base, "tmp")
+        os.makedirs(self.outlet)
+        os.makedirs(self.tmp)
+        self.pool = FilePool(self.outlet, self.tmp, fromMain=True)
+
+    def given(self, count: int) -> set[int]:
+        """
+        The main process passes C{count} empty files on.
+        """
+        inodes = set()
+        for i in range(count):
+            path = os.path.join(self.outlet, f"f{i}")
+            with open(path, "wb"):
+                pass
+            inodes.add(os.stat(path).st_ino)
+        return inodes
+
+    def test_claimedOnce(self) -> None:
+        """
+        A name listed twice (by two threads' listings, or while another
+        thread writes its file) is handed out once: the second take gets
+        another file.
+        """
+        (inode,) = self.given(1)
+        path, fd = self.pool.take()
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.fstat(fd).st_ino, inode)
+        self.assertEqual(os.path.dirname(path), self.tmp)
+        self.pool._free.append("f0")
+        other, otherFd = self.pool.take()
+        self.addCleanup(os.close, otherFd)
+        self.assertNotEqual(os.fstat(otherFd).st_ino, inode)
+        self.assertEqual((self.pool.reused, self.pool.created), (1, 1))
+
+    def test_threadsNeverShareAFile(self) -> None:
+        """
+        Spool threads taking at once each get a file of their own.
+        """
+        given = self.given(200)
+        taken: list[int] = []
+        lock = threading.Lock()
+
+        def takeMany() -> None:
+            for _ in range(60):
+                path, fd = self.pool.take()
+                with lock:
+                    taken.append(os.fstat(fd).st_ino)
+                os.close(fd)
+
+        threads = [threading.Thread(target=takeMany) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(taken), 240)
+        self.assertEqual(len(set(taken)), 240)
+        self.assertTrue(set(taken) >= given)
