@@ -392,7 +392,7 @@ class Relay(Target):
         r"|starting on \d+|Received SIG|Main loop terminated|Server Shut Down"
         r"|Loaded \d+ users from|ControlFactory starting on|Port .* Closed\)"
         r"|Channel connection (established|lost)|started worker \d+"
-        r"|worker \d+ (running|stopped)"
+        r"|worker \d+ (running|stopped|ready)"
     )
 
     def start(self) -> None:

@@ -11,6 +11,7 @@ import re
 import signal
 import smtplib
 import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -71,7 +72,9 @@ class WorkerProcessTests(SharedRelay):
             server=dict(cls.relayServer),
             lockout={"max_failures": 3, "tarpit": 0.1, "session_max_failures": 10},
             sections={
-                "metrics": {"endpoint": f"tcp:port={metricsPort}:interface={HOST}"}
+                "metrics": {"endpoint": f"tcp:port={metricsPort}:interface={HOST}"},
+                # One user sends hundreds of messages here.
+                "limits": {"messages_per_hour": 0, "recipients_per_hour": 0},
             },
         )
         relay.metricsPort = metricsPort  # type: ignore[attr-defined]
@@ -135,6 +138,53 @@ class WorkerProcessTests(SharedRelay):
         self.relay.waitForEmptySpool()
         for marker in seen:
             self.assertEqual(len(self.relay.delivered(marker.encode())), 1, marker)
+
+    def test_concurrentMessagesIntact(self) -> None:
+        """
+        Many sessions at once on both processes, while delivered messages'
+        spool files are reused: every message is accepted, delivered once,
+        and byte for byte its own.
+        """
+        self.workers()
+        tag = uuid.uuid4().hex
+        errors: list[str] = []
+        markers: dict[str, bytes] = {}
+        lock = threading.Lock()
+
+        def session(n: int) -> None:
+            try:
+                client = self.authenticated()
+                sender, recipients = self.addresses()
+                for i in range(20):
+                    marker = f"e2e-busy-{tag}-{n}-{i}"
+                    body = b"".join(
+                        f"{marker} line {k}\r\n".encode() for k in range(20 + 13 * i)
+                    )
+                    refused = client.sendmail(
+                        sender, recipients, markedMessage(marker, body)
+                    )
+                    with lock:
+                        if refused:
+                            errors.append(f"{marker}: {refused}")
+                        markers[marker] = body
+                closeQuietly(client)
+            except Exception as e:  # reported below, in the test's thread
+                with lock:
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=session, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(markers), 160)
+        self.relay.waitForEmptySpool()
+        for marker, body in markers.items():
+            (delivered,) = self.relay.delivered(marker.encode() + b"@")
+            self.assertIn(
+                body.replace(b"\r\n", b"\n"), delivered.replace(b"\r\n", b"\n")
+            )
 
     def test_lockoutAcrossProcesses(self) -> None:
         """
