@@ -937,6 +937,25 @@ class HAProxyProcess(ServerProcess):
         return [self.executable, "-f", self.configPath, "-db"]
 
 
+def queueCommand(relay: RelayProcess, *args: str) -> tuple[int, str]:
+    """
+    Run C{smtpauth-relay queue -c CONFIG ARGS} as a separate process.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "smtpauth_relay.cli", "queue", "-c", relay.configPath]
+        + list(args),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
 def markedMessage(marker: str, body: bytes) -> bytes:
     """
     A small message (CRLF line ends) with C{marker} as its Subject and in

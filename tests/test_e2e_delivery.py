@@ -15,7 +15,6 @@ from __future__ import annotations
 import email.message
 import os
 import smtplib
-import subprocess
 import sys
 import uuid
 from collections import Counter
@@ -34,7 +33,6 @@ from tests.e2e_support import (
     IO_TIMEOUT,
     PASSWORD,
     QUEUED,
-    REPO_ROOT,
     USER,
     RelayProcess,
     clientContext,
@@ -42,6 +40,7 @@ from tests.e2e_support import (
     loopbackAddresses,
     markedMessage,
     poll,
+    queueCommand,
 )
 
 try:
@@ -1064,29 +1063,7 @@ class QueueAdminTests(DeliveryHarness):
     """
 
     def queueCommand(self, relay: RelayProcess, *args: str) -> tuple[int, str]:
-        """
-        Run C{smtpauth-relay queue -c CONFIG ARGS} as a separate process.
-        """
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p
-        )
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "smtpauth_relay.cli",
-                "queue",
-                "-c",
-                relay.configPath,
-            ]
-            + list(args),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return result.returncode, result.stdout + result.stderr
+        return queueCommand(relay, *args)
 
     def test_listShowFlushBounceDelete(self) -> None:
         """

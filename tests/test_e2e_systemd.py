@@ -468,10 +468,13 @@ class MetricsTests(SystemdRelayTestCase):
             return scrape().get(key)
 
         starttls = f"tcp:port={relay.starttlsPort}:interface={HOST}"
+        # A worker process's counts arrive within a second; each session's
+        # close comes after its other counts.
         poll(
             lambda: (
                 value("queue_messages") == 0.0
                 and value("connections_open", listener=starttls) == 0.0
+                and value("connections_total", listener=starttls, tls="starttls") == 3
             ),
             10.0,
             lambda: "queue empty and sessions closed in the metrics",
