@@ -83,12 +83,22 @@ _COMPILED = [(name, re.compile(p)) for name, p in CATEGORIES]
 
 
 def parse(lines: Iterable[str]) -> list[tuple[list[str], int]]:
+    """
+    py-spy's collapsed stacks.  With C{--subprocesses} each stack starts
+    with its process's command line, which for a worker holds newlines (its
+    bootstrap code): a line not ending in a count goes on in the next.
+    """
     stacks = []
+    pending = ""
     for line in lines:
-        line = line.rstrip("\n")
+        line = pending + line.rstrip("\n")
         if not line:
             continue
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            pending = line + " "
+            continue
+        pending = ""
         stacks.append((stack.split(";"), int(count)))
     return stacks
 
@@ -184,6 +194,8 @@ def profile(args: argparse.Namespace) -> None:
             str(args.rate),
             "--output",
             args.output + ".raw",
+            # The worker processes ([server] workers) too.
+            "--subprocesses",
         ]
         if args.native:
             command.append("--native")

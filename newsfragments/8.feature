@@ -20,3 +20,6 @@ main process alone delivers, and keeps the lockout, the rate limits, the
 connection limits, in-flow control and the metrics for all of them; a worker
 that dies is started again, and SIGHUP reloads every process. Set
 ``workers = 1`` for a single process.
+The made-up SCRAM salt of an unknown user now comes from a key kept in the
+queue directory (``scram-salt.key``), so it is the same in every process
+and after a restart, and does not tell that the user does not exist.

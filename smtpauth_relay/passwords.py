@@ -46,6 +46,8 @@ import bcrypt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from smtpauth_relay.durable import replaceFile
+
 __all__ = [
     "ARGON2ID",
     "BCRYPT",
@@ -59,6 +61,8 @@ __all__ = [
     "cramMD5State",
     "dummyHash",
     "fakeScramSecrets",
+    "saltKey",
+    "useSaltKey",
     "hashPassword",
     "hashScheme",
     "parseCramMD5",
@@ -661,14 +665,50 @@ _fakeSecretLock = threading.Lock()
 _fakeSecret: list[bytes] = []
 
 
+#: The name of the key file in the queue directory (L{saltKey}).
+SALT_KEY_FILE = "scram-salt.key"
+
+
 def _processSecret() -> bytes:
     """
-    A random key made once per process, for L{fakeScramSecrets}.
+    The key of L{fakeScramSecrets}: the one given to L{useSaltKey}, else
+    a random one made once per process.
     """
     with _fakeSecretLock:
         if not _fakeSecret:
             _fakeSecret.append(secrets.token_bytes(32))
         return _fakeSecret[0]
+
+
+def useSaltKey(key: bytes) -> None:
+    """
+    Make made-up SCRAM salts from C{key}: every process of a relay (its
+    workers, C{[server] workers}) must use the same one, or an unknown user's
+    salt would change from one connection to the next, telling that the
+    user does not exist.
+    """
+    with _fakeSecretLock:
+        _fakeSecret[:] = [key]
+
+
+def saltKey(path: str) -> bytes:
+    """
+    The relay's key for made-up SCRAM salts, kept in C{path} (created, 32
+    random bytes readable by the relay alone, if missing), so that an
+    unknown user's salt is the same in every process and after a restart,
+    as a real user's is.  Blocking; call at start.
+
+    @raise OSError: if it cannot be read or created.
+    """
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+    except FileNotFoundError:
+        key = b""
+    if len(key) < 32:
+        key = secrets.token_bytes(32)
+        replaceFile(path, key, mode=0o600)
+    return key
 
 
 def fakeScramSecrets(username: str, iterations: int) -> ScramSecrets:

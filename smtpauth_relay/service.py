@@ -53,6 +53,7 @@ from smtpauth_relay.ipc import MainChannel
 from smtpauth_relay.limits import RateLimits
 from smtpauth_relay.lockout import Lockout, lockoutTimer
 from smtpauth_relay.metrics import RelayMetrics, makeMetricsService, queueSnapshot
+from smtpauth_relay.passwords import SALT_KEY_FILE, saltKey, useSaltKey
 from smtpauth_relay.policy import RelayPolicy
 from smtpauth_relay.proxyprotocol import ProxyProtocolFactory
 from smtpauth_relay.retry import QueueRunner
@@ -318,6 +319,8 @@ def makeRelayService(
 
     spool = Spool(config.queue.directory, runInThread, reactor)
     spool.prepare()
+    # Before the checkers, and shared with the workers (which read it).
+    useSaltKey(saltKey(os.path.join(config.queue.directory, SALT_KEY_FILE)))
 
     limiter = ConnectionLimiter(
         config.server.max_connections, config.server.max_connections_per_ip

@@ -3,9 +3,9 @@ A worker process (C{[server] workers}, see L{smtpauth_relay.workers}): SMTP
 sessions on listening sockets inherited from the main process, which it
 reaches over the channel on descriptor 3 (L{smtpauth_relay.ipc}).
 
-Started by the main process only::
+Started by the main process only, through L{smtpauth_relay.workerstart}::
 
-    python -m smtpauth_relay.worker --config PATH --index N \\
+    python -m smtpauth_relay.workerstart MAIN_PID --config PATH --index N \\
         --listener LISTENER:FD ... [--auth CHECKER ...]
 """
 
@@ -43,6 +43,7 @@ from smtpauth_relay.ipc import (
     tell,
 )
 from smtpauth_relay.logformat import JSONLinesObserver, textObserver, workerObserver
+from smtpauth_relay.passwords import SALT_KEY_FILE, saltKey, useSaltKey
 from smtpauth_relay.server import ConnectionLimiter
 from smtpauth_relay.service import (
     Relay,
@@ -136,6 +137,9 @@ def makeWorkerService(
     reactor.adoptStreamConnection(channelFd, socket.AF_UNIX, _Channel())
     os.close(channelFd)
 
+    # The main process's key: an unknown user's made-up SCRAM salt must not
+    # depend on the process a client reaches.
+    useSaltKey(saltKey(os.path.join(config.queue.directory, SALT_KEY_FILE)))
     runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
     # The main process prepared (and locked) the spool; a worker only adds
     # messages to it.

@@ -56,27 +56,6 @@ CHANNEL_FD = 3
 FIRST_LISTENER_FD = 4
 
 
-#: What a worker runs first, before its (slow) imports: it asks to be sent
-#: SIGTERM when the main process dies (Linux's PR_SET_PDEATHSIG), so that a
-#: worker never outlives the main process holding the listening sockets,
-#: and exits at once if the main process (whose id is the first argument)
-#: is already gone; a reload (SIGHUP) meanwhile must not kill it (it reads
-#: the configuration afterwards).  Then the worker proper
-#: (L{smtpauth_relay.worker}).
-BOOTSTRAP = """\
-# smtpauth-relay worker
-import ctypes, os, runpy, signal, sys
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-except (AttributeError, OSError):
-    pass
-if os.getppid() != int(sys.argv.pop(1)):
-    sys.exit("smtpauth-relay worker: the main process is gone")
-runpy.run_module("smtpauth_relay.worker", run_name="__main__", alter_sys=True)
-"""
-
-
 def workerCount(
     config: Config, cpuCount: Callable[[], int | None] = os.cpu_count
 ) -> int:
@@ -110,8 +89,8 @@ def workerCommand(
     """
     command = [
         sys.executable,
-        "-c",
-        BOOTSTRAP,
+        "-m",
+        "smtpauth_relay.workerstart",
         str(os.getpid()),
         "--config",
         configPath,

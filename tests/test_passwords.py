@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
+import secrets
 
 from argon2 import PasswordHasher
 from scramp import ScramMechanism
@@ -26,9 +28,11 @@ from smtpauth_relay.passwords import (
     hashScheme,
     parseCramMD5,
     parseScram,
+    saltKey,
     saslprep,
     scramSecrets,
     sha512Crypt,
+    useSaltKey,
     verifyPassword,
 )
 
@@ -536,6 +540,39 @@ class ScramSecretsTests(SynchronousTestCase):
         self.assertEqual(len(first.salt), 16)
         self.assertEqual(fakeScramSecrets("mallory", 4096).salt, first.salt)
         self.assertNotEqual(fakeScramSecrets("eve", 4096).salt, first.salt)
+
+    def test_saltKeyShared(self) -> None:
+        """
+        The key of made-up salts is kept in a file (created with 32 random
+        bytes, readable by its owner alone): every process that reads it,
+        and the same relay after a restart, makes the same salt for an
+        unknown user; another key makes another.
+        """
+        path = os.path.join(self.mktemp() + "-dir", "scram-salt.key")
+        os.makedirs(os.path.dirname(path))
+        key = saltKey(path)
+        self.assertEqual(len(key), 32)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(saltKey(path), key)
+        self.addCleanup(useSaltKey, secrets.token_bytes(32))
+        useSaltKey(key)
+        first = fakeScramSecrets("mallory", 4096).salt
+        useSaltKey(saltKey(path))
+        self.assertEqual(fakeScramSecrets("mallory", 4096).salt, first)
+        useSaltKey(secrets.token_bytes(32))
+        self.assertNotEqual(fakeScramSecrets("mallory", 4096).salt, first)
+
+    def test_saltKeyTooShortReplaced(self) -> None:
+        """
+        A key file too short to be one (truncated) is replaced by a new key.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"short")
+        key = saltKey(path)
+        self.assertEqual(len(key), 32)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), key)
 
 
 class CramMD5SchemeTests(SynchronousTestCase):

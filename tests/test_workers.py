@@ -24,7 +24,6 @@ from smtpauth_relay.ipc import MainChannel
 from smtpauth_relay.server import ConnectionLimiter
 from smtpauth_relay.worker import listenerDescriptors, parseArguments
 from smtpauth_relay.workers import (
-    BOOTSTRAP,
     CHANNEL_FD,
     FIRST_LISTENER_FD,
     WorkerSupervisor,
@@ -125,7 +124,8 @@ class CommandTests(SynchronousTestCase):
         """
         command = workerCommand("/etc/relay.toml", 2, [0, 2], ["--auth", "memory:a:b"])
         self.assertEqual(
-            command[:4], [sys.executable, "-c", BOOTSTRAP, str(os.getpid())]
+            command[:4],
+            [sys.executable, "-m", "smtpauth_relay.workerstart", str(os.getpid())],
         )
         args = parseArguments(command[4:])
         self.assertEqual(args.config, "/etc/relay.toml")
@@ -140,7 +140,7 @@ class CommandTests(SynchronousTestCase):
 class BootstrapTests(SynchronousTestCase):
     def bootstrap(self, parent: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", BOOTSTRAP, str(parent), "--help"],
+            [sys.executable, "-m", "smtpauth_relay.workerstart", str(parent), "--help"],
             env=workerEnvironment(),
             capture_output=True,
             text=True,
