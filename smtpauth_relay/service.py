@@ -69,7 +69,7 @@ from smtpauth_relay.systemd import Notifier, NotifyService
 from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
 from smtpauth_relay.tls import ReloadableContext, serverContextFactory
 from smtpauth_relay.usernetworks import UserNetworks
-from smtpauth_relay.workers import WorkerSupervisor, workerCount
+from smtpauth_relay.workers import WorkerSupervisor, shareable, workerCount
 
 log = Logger()
 
@@ -361,7 +361,14 @@ def makeRelayService(
         except (IndexError, KeyError):
             raise ListenerUnavailable(systemdSocketMissing(listener.endpoint)) from None
         service.setServiceParent(top)
-        listening.append((index, service))
+        if shareable(listener.endpoint):
+            listening.append((index, service))
+        elif workerCount(config) > 1:
+            log.info(
+                "{endpoint}: served by the main process only (worker processes"
+                " share tcp:, tcp6:, unix: and systemd: listeners)",
+                endpoint=listener.endpoint,
+            )
         log.info(
             "listening on {endpoint} (tls={tls})",
             endpoint=listener.endpoint,
@@ -385,7 +392,7 @@ def makeRelayService(
     runner.setServiceParent(top)
     supervisor = None
     count = workerCount(config)
-    if count > 1:
+    if count > 1 and listening:
         # After the listeners (whose sockets the workers share) and the
         # queue runner (which delivers what they accept).
         supervisor = WorkerSupervisor(

@@ -56,6 +56,21 @@ CHANNEL_FD = 3
 FIRST_LISTENER_FD = 4
 
 
+#: The endpoint types whose listening sockets the workers share: plain
+#: stream sockets.  Any other (C{ssl:}, a plugin's) may do more than accept
+#: (TLS at the endpoint, say) that a worker adopting the bare socket would
+#: not: its listener is served by the main process alone.
+SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+def shareable(endpoint: str) -> bool:
+    """
+    Whether the workers may share the listener of endpoint string
+    C{endpoint} (see L{SHAREABLE_ENDPOINTS}).
+    """
+    return endpoint.split(":", 1)[0].strip().lower() in SHAREABLE_ENDPOINTS
+
+
 def workerCount(
     config: Config, cpuCount: Callable[[], int | None] = os.cpu_count
 ) -> int:

@@ -27,6 +27,7 @@ from smtpauth_relay.workers import (
     CHANNEL_FD,
     FIRST_LISTENER_FD,
     WorkerSupervisor,
+    shareable,
     workerCommand,
     workerCount,
     workerEnvironment,
@@ -163,6 +164,24 @@ class BootstrapTests(SynchronousTestCase):
         result = self.bootstrap(1)
         self.assertEqual(result.returncode, 1)
         self.assertIn("the main process is gone", result.stderr)
+
+
+class ShareableTests(SynchronousTestCase):
+    def test_plainSocketsShared(self) -> None:
+        """
+        The workers share plain stream listeners; one whose endpoint may do
+        more than accept (TLS at the endpoint, a plugin's) stays the main
+        process's.
+        """
+        for endpoint in (
+            "tcp:port=587",
+            "TCP6:port=587:interface=\\:\\:",
+            "unix:/run/relay.sock",
+            "systemd:domain=INET:index=0",
+        ):
+            self.assertTrue(shareable(endpoint), endpoint)
+        for endpoint in ("ssl:port=465:privateKey=k.pem", "le:/srv/certs:tcp:443"):
+            self.assertFalse(shareable(endpoint), endpoint)
 
 
 class SupervisorTests(SynchronousTestCase):
