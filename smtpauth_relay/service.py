@@ -40,7 +40,7 @@ from smtpauth_relay.delivery.maildir import MaildirDelivery, ensureMaildir
 from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.errors import ConfigError, ListenerUnavailable
-from smtpauth_relay.flow import InFlow
+from smtpauth_relay.flow import BACKLOG_PER_DELIVERY, InFlow
 from smtpauth_relay.interfaces import (
     IAdmission,
     IDeliveryAgent,
@@ -326,12 +326,12 @@ def makeRelayService(
         config.server.max_connections, config.server.max_connections_per_ip
     )
     metrics = RelayMetrics()
-    # Sessions wait at MAIL FROM once twice as many new messages wait for
-    # their first attempt as can be under way.
+    # Sessions wait at MAIL FROM once BACKLOG_PER_DELIVERY times as many new
+    # messages wait for their first attempt as can be under way.
     flow = InFlow(
         reactor,
         config.queue.flow_delay,
-        limit=2 * config.queue.max_concurrent_deliveries,
+        limit=BACKLOG_PER_DELIVERY * config.queue.max_concurrent_deliveries,
     )
     lockout = Lockout(config.auth.lockout, reactor, metrics=metrics)
     limits = RateLimits(config.limits, reactor, lockout.store)
