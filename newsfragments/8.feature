@@ -23,3 +23,6 @@ that dies is started again, and SIGHUP reloads every process. Set
 The made-up SCRAM salt of an unknown user now comes from a key kept in the
 queue directory (``scram-salt.key``), so it is the same in every process
 and after a restart, and does not tell that the user does not exist.
+In-flow control now lets sessions wait at ``MAIL FROM`` only once 16 times
+``max_concurrent_deliveries`` new messages wait for delivery (was twice):
+with worker processes the small backlog kept the deliveries short of work.
