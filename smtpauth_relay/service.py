@@ -66,7 +66,7 @@ from smtpauth_relay.server import (
 )
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.systemd import Notifier, NotifyService
-from smtpauth_relay.threads import RunInThread, ownThreadPool, threadPoolRunner
+from smtpauth_relay.threads import RunInThread, ownThreadRunner, threadPoolRunner
 from smtpauth_relay.tls import ReloadableContext, serverContextFactory
 from smtpauth_relay.usernetworks import UserNetworks
 from smtpauth_relay.workers import WorkerSupervisor, shareable, workerCount
@@ -315,7 +315,7 @@ def makeRelayService(
     top = MultiService()
     # The spool and the Maildir have their own threads: password hashing
     # (on the reactor's pool) must never delay the fsync before a 250.
-    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
+    runInThread = ownThreadRunner(reactor, "spool", 4)
 
     spool = Spool(config.queue.directory, runInThread, reactor)
     spool.prepare()

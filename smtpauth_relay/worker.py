@@ -54,7 +54,7 @@ from smtpauth_relay.service import (
 )
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.systemd import Notifier, NotifyService
-from smtpauth_relay.threads import ownThreadPool, threadPoolRunner
+from smtpauth_relay.threads import ownThreadRunner
 from smtpauth_relay.workers import CHANNEL_FD
 
 log = Logger(namespace="smtpauth_relay.worker")
@@ -140,7 +140,7 @@ def makeWorkerService(
     # The main process's key: an unknown user's made-up SCRAM salt must not
     # depend on the process a client reaches.
     useSaltKey(saltKey(os.path.join(config.queue.directory, SALT_KEY_FILE)))
-    runInThread = threadPoolRunner(reactor, ownThreadPool(reactor, "spool", 4))
+    runInThread = ownThreadRunner(reactor, "spool", 4)
     # The main process prepared (and locked) the spool; a worker only adds
     # messages to it.
     spool = Spool(config.queue.directory, runInThread, reactor, worker=index)
