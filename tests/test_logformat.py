@@ -15,6 +15,7 @@ from twisted.logger import (
     ILogObserver,
     Logger,
     LogLevel,
+    formatEventAsClassicLogText,
     formatTime,
     textFileLogObserver,
 )
@@ -26,6 +27,7 @@ from smtpauth_relay.logformat import (
     JSONLinesObserver,
     LogObserverRoot,
     cachedFormatTime,
+    classicLogText,
     eventAsDict,
     observerFor,
     textObserver,
@@ -287,6 +289,101 @@ class TextObserverTests(SynchronousTestCase):
             reference(dict(event))
         self.assertEqual(ours.getvalue(), theirs.getvalue())
         self.assertIn("accepted Q1", ours.getvalue())
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def count(self) -> int:
+        self.calls += 1
+        return self.calls
+
+    def __format__(self, spec: str) -> str:
+        return f"counter:{spec}"
+
+    def __repr__(self) -> str:
+        return f"<Counter {self.calls}>"
+
+
+_FORMATS = [
+    "accepted {queueId} from {peer}",
+    "{peer!r} said {text!s}",
+    "{number:>8.2f}|{number:x}",
+    "{number.real} {text[0]}",
+    "{counter.count()} calls",
+    "{counter:spec}",
+    "{missing}",
+    "{}",
+    "{{braces}} {text}",
+    "",
+    "line one\nline two {text}",
+    "{text.nope}",
+    "{peer.__class__.__name__}",
+]
+
+
+class ClassicLogTextTests(SynchronousTestCase):
+    """
+    Tests for L{classicLogText}: Twisted's classic lines, faster.
+    """
+
+    @settings(max_examples=400)
+    @given(
+        format=st.one_of(
+            st.sampled_from(_FORMATS),
+            st.sampled_from(_FORMATS).map(str.encode),
+            st.none(),
+            st.just(42),
+            st.text(max_size=30),
+        ),
+        text=st.text(min_size=1, max_size=20),
+        number=st.one_of(st.integers(), st.floats(allow_nan=False)),
+        system=st.one_of(st.none(), st.text(max_size=10), st.just(7)),
+        level=st.one_of(st.none(), st.sampled_from(list(LogLevel.iterconstants()))),
+        namespace=st.one_of(st.none(), st.sampled_from(["smtpauth_relay.server"])),
+        when=st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)),
+        failure=st.booleans(),
+    )
+    def test_sameAsTwisted(
+        self,
+        format: object,
+        text: str,
+        number: float,
+        system: object,
+        level: object,
+        namespace: str | None,
+        when: float | None,
+        failure: bool,
+    ) -> None:
+        """
+        Whatever the event, the line is Twisted's (or, like Twisted's,
+        none).
+        """
+        event: dict[str, object] = {
+            "queueId": "Q1",
+            "peer": Peer(),
+            "text": text,
+            "number": number,
+        }
+        for key, value in [
+            ("log_format", format),
+            ("log_system", system),
+            ("log_level", level),
+            ("log_namespace", namespace),
+            ("log_time", when),
+        ]:
+            if value is not None:
+                event[key] = value
+        if failure:
+            event["log_failure"] = Failure(ValueError("boom"))
+        ours = classicLogText(formatTime)
+        ourEvent = dict(event, counter=Counter())
+        theirEvent = dict(event, counter=Counter())
+        self.assertEqual(
+            ours(ourEvent), formatEventAsClassicLogText(theirEvent, formatTime)
+        )
+        self.assertEqual(ourEvent["counter"].calls, theirEvent["counter"].calls)
 
 
 class FakeTwistdOptions(dict[str, object]):
