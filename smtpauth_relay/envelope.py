@@ -35,6 +35,10 @@ class Attempt:
     reply: str
 
 
+#: Where L{Envelope.toJSON} keeps its result, in the instance's C{__dict__}.
+_JSON = "_json"
+
+
 @dataclass(frozen=True)
 class Envelope:
     """
@@ -75,11 +79,23 @@ class Envelope:
     def toJSON(self) -> bytes:
         """
         Serialise for the spool.
+
+        An envelope does not change, so this is computed once: a worker
+        process writes it into the spool (in a thread) and then sends the
+        same bytes to the main process.
         """
+        raw: bytes | None = self.__dict__.get(_JSON)
+        if raw is None:
+            # Not an attribute assignment: the dataclass is frozen.
+            raw = self.__dict__[_JSON] = self._encode()
+        return raw
+
+    def _encode(self) -> bytes:
         # Field by field rather than asdict() (a deep copy), and without
         # indent= (which makes json fall back to its pure-Python encoder):
         # this runs for every message accepted and every attempt.
         data: dict[str, Any] = dict(self.__dict__)
+        data.pop(_JSON, None)
         data["recipients"] = list(self.recipients)
         data["attempts"] = [dict(a.__dict__) for a in self.attempts]
         data["version"] = ENVELOPE_VERSION

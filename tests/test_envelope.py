@@ -5,6 +5,7 @@ Tests for L{smtpauth_relay.envelope}.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -115,6 +116,22 @@ class EnvelopeJSONTests(SynchronousTestCase):
         self.assertIsInstance(loaded.attempts, tuple)
         for attempt in loaded.attempts:
             self.assertIsInstance(attempt, Attempt)
+
+    def test_encodedOnce(self) -> None:
+        """
+        L{Envelope.toJSON} gives the same bytes each time without encoding
+        again; the envelope still compares, copies and loads as before, and
+        a changed copy encodes its own fields.
+        """
+        envelope = Envelope.fromJSON(SAMPLE.toJSON())
+        first = envelope.toJSON()
+        self.assertIs(envelope.toJSON(), first)
+        self.assertEqual(envelope, SAMPLE)
+        self.assertNotIn("_json", json.loads(first))
+        changed = replace(envelope, sender="other@example.org")
+        self.assertEqual(json.loads(changed.toJSON())["sender"], "other@example.org")
+        self.assertEqual(Envelope.fromJSON(changed.toJSON()), changed)
+        self.assertEqual(Envelope.fromJSON(envelope.toJSON()), envelope)
 
     def test_versionIgnored(self) -> None:
         """
