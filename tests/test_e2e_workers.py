@@ -332,7 +332,7 @@ class EarlyReloadTests(SynchronousTestCase):
         poll(
             lambda: "worker 1 running" in relay.log(),
             WAIT,
-            lambda: "the worker running",
+            lambda: f"the worker running; the log:\n{relay.log()[-3000:]}",
         )
         relay.process.send_signal(signal.SIGHUP)
         poll(
