@@ -321,6 +321,31 @@ def snapshotSource(root: str) -> tuple[str, dict[str, Any]]:
     }
 
 
+def exportCommit(root: str, commit: str) -> tuple[str, dict[str, Any]]:
+    """
+    Export the relay's code (smtpauth_relay/, twisted/plugins/) as of
+    C{commit} into a new directory; return it and a description.
+    """
+    target = tempfile.mkdtemp(prefix="bench-base-")
+    archive = subprocess.run(
+        ["git", "archive", commit, "smtpauth_relay", "twisted"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return target, {
+        "commit": git("rev-parse", commit),
+        "subject": git("log", "-1", "--format=%s", commit)[:100],
+    }
+
+
 # -- targets -----------------------------------------------------------------
 
 
@@ -573,9 +598,18 @@ class Relay1(Relay):
     workers = "1"
 
 
+class Base(Relay):
+    """
+    Ours from another tree (C{--base DIR}: an export of an earlier commit),
+    configured as L{Relay}: a change measured against what it changes, in
+    the same run.
+    """
+
+
 TARGETS: dict[str, type[Target]] = {
     "relay": Relay,
     "relay1": Relay1,
+    "base": Base,
     "postfix": Postfix,
 }
 
@@ -627,7 +661,11 @@ def measure(
         ]
     )
     target = targetClass(targetClass.__name__.lower(), work, sinkPort)
-    if isinstance(target, Relay):
+    if isinstance(target, Base):
+        if not options.base:
+            raise SystemExit("the base target needs --base DIR")
+        target.source = options.base
+    elif isinstance(target, Relay):
         target.source = options.source
     started = False
     result: dict[str, Any] = {}
@@ -894,26 +932,44 @@ ROWS = (
 )
 
 
+#: Column headings of the targets in L{table}.
+LABELS = {
+    "relay": "ours",
+    "relay1": "ours, 1 process",
+    "base": "ours at --base",
+    "postfix": "Postfix",
+}
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     """
-    One row per scenario and measure: ours, Postfix, and ours/Postfix.
+    One row per scenario and measure: each target measured, then the first
+    target's value over each other's.
     """
-    rows = [
-        "| scenario | measure | ours | Postfix | ours/Postfix |",
-        "|---|---|---|---|---|",
-    ]
+    names: list[str] = []
+    for byTarget in results.values():
+        names += [n for n in byTarget if n not in names]
+    if not names:
+        return ""
+    first, others = names[0], names[1:]
+    heads = [LABELS.get(n, n) for n in names]
+    heads += [f"{LABELS.get(first, first)} / {LABELS.get(n, n)}" for n in others]
+    rows = ["| scenario | measure | " + " | ".join(heads) + " |"]
+    rows.append("|---" * (2 + len(heads)) + "|")
     for scenarioName, byTarget in results.items():
-        ours, theirs = byTarget.get("relay", {}), byTarget.get("postfix", {})
         for key, label, _ in ROWS:
-            a, b = ours.get(key), theirs.get(key)
-            if a is None and b is None:
+            values = [byTarget.get(n, {}).get(key) for n in names]
+            if all(v is None for v in values):
                 continue
-            ratio = "-"
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-                ratio = f"{a / b:.2f}"
+            cells = ["-" if v is None else str(v) for v in values]
+            a = values[0]
+            for b in values[1:]:
+                ok = isinstance(a, (int, float)) and isinstance(b, (int, float))
+                cells.append(f"{a / b:.2f}" if ok and b else "-")
             rows.append(
                 f"| {SCENARIOS[scenarioName].description} | {label} | "
-                f"{'-' if a is None else a} | {'-' if b is None else b} | {ratio} |"
+                + " | ".join(cells)
+                + " |"
             )
     return "\n".join(rows)
 
@@ -931,9 +987,23 @@ def main() -> int:
         default=None,
         help="run ours from this directory instead of a snapshot of the checkout",
     )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="COMMIT",
+        help="the base target runs ours as of this commit (exported with git"
+        " archive), to measure a change against what it changes in one run",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directories")
+    p.add_argument(
+        "--table", metavar="RESULTS", help="only print the table of a results file"
+    )
     p.add_argument("--name", default=time.strftime("%Y-%m-%d-%H%M"))
     args = p.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)["results"]))
+        return 0
     # SIGTERM unwinds like Ctrl-C, so the relays and sinks are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -945,6 +1015,9 @@ def main() -> int:
         args.source = snapshot
     else:
         source = {"source": args.source}
+    base: dict[str, Any] | None = None
+    if args.base is not None:
+        args.base, base = exportCommit(ROOT, args.base)
     targets = [TARGETS[t] for t in args.targets.split(",")]
     results: dict[str, dict[str, Any]] = {}
     loads = [os.getloadavg()]
@@ -973,6 +1046,8 @@ def main() -> int:
     finally:
         if snapshot is not None:
             shutil.rmtree(snapshot, ignore_errors=True)
+        if base is not None:
+            shutil.rmtree(args.base, ignore_errors=True)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", f"{args.name}.json")
     with open(path, "w") as f:
@@ -985,6 +1060,7 @@ def main() -> int:
                     [round(x, 2) for x in la] for la in loads
                 ],
                 "code": source,
+                "base": base,
                 "repeat": args.repeat,
                 "scenarios": {n: sc.__dict__ for n, sc in used.items()},
                 "results": results,
