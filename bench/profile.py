@@ -68,7 +68,10 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
         r"protocols/basic\.py",
     ),
     ("limits / lockout / policy", r"limits\.py|lockout\.py|policy\.py|senders\.py"),
-    ("thread pool hand-off", r"threadpool\.py|_threads/|threading\.py|queue\.py"),
+    (
+        "thread pool hand-off",
+        r"threadpool\.py|_threads/|threading\.py|queue\.py|smtpauth_relay/threads\.py",
+    ),
     ("Deferred machinery", r"internet/defer\.py"),
     (
         "socket I/O (kernel send/recv)",

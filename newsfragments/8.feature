@@ -26,3 +26,7 @@ and after a restart, and does not tell that the user does not exist.
 In-flow control now lets sessions wait at ``MAIL FROM`` only once 16 times
 ``max_concurrent_deliveries`` new messages wait for delivery (was twice):
 with worker processes the small backlog kept the deliveries short of work.
+Less CPU per message (3 to 10 % in the benchmark): the spool's disk work
+runs on threads of its own without Twisted's thread-pool bookkeeping, and
+text log lines are formatted without ``string.Formatter`` where the result
+is the same.
