@@ -588,6 +588,31 @@ class _Prepared:
     userNetworks: UserNetworks | None
 
 
+class HeldHangups:
+    """
+    The SIGHUP handler from the start of C{makeService} until the
+    L{Reloader} runs: the listeners accept connections before then, and
+    SIGHUP's default action would end the process (a C{kill -HUP} from a
+    log rotation script, say).  A hangup seen here is a reload the
+    L{Reloader} makes as soon as the reactor runs.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+
+
+def holdHangups() -> HeldHangups:
+    """
+    Install a L{HeldHangups} as the SIGHUP handler, and return it.
+    """
+    held = HeldHangups()
+    signal.signal(signal.SIGHUP, held)
+    return held
+
+
 class Reloader(Service):
     """
     Reloads the configuration on SIGHUP (C{systemctl reload}): TLS
@@ -623,6 +648,11 @@ class Reloader(Service):
         super().startService()
         if self.installSignal:
             self._previous = signal.signal(signal.SIGHUP, self._signalled)
+            if isinstance(self._previous, HeldHangups) and self._previous.seen:
+                # Asked for while we were starting: the file may have
+                # changed after we read it.
+                self._previous.seen = False
+                self.reactor.callWhenRunning(self.reload)
 
     def stopService(self) -> None:
         super().stopService()

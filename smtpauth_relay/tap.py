@@ -57,8 +57,10 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
-    from smtpauth_relay.service import makeRelayService
+    from smtpauth_relay.service import holdHangups, makeRelayService
 
+    # Before the listeners: a SIGHUP from then on is a reload, not an end.
+    holdHangups()
     config: Config = options["relayConfig"]
     try:
         relay = makeRelayService(

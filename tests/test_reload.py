@@ -13,7 +13,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smtpauth_relay.config import loadConfig
 from smtpauth_relay.server import RelayServerFactory
-from smtpauth_relay.service import Reloader, makeRelayService
+from smtpauth_relay.service import (
+    HeldHangups,
+    Reloader,
+    holdHangups,
+    makeRelayService,
+)
 from smtpauth_relay.threads import runNow
 from smtpauth_relay.tls import ReloadableContext, generateSelfSigned
 from tests.test_plugins import configText, writeConfig
@@ -127,6 +132,53 @@ class ReloadTests(SynchronousTestCase):
         reloader.stopService()
         self.assertEqual(calls, [reloader.reload])
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+    def startAfterHeldHangups(
+        self, hangup: bool
+    ) -> tuple[Reloader, MemoryReactorClock, list[int], HeldHangups]:
+        """
+        L{holdHangups}, a SIGHUP if C{hangup}, then a reloader started on a
+        reactor not yet running; its reloads are counted.
+        """
+        original = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, original)
+        held = holdHangups()
+        if hangup:
+            os.kill(os.getpid(), signal.SIGHUP)
+            self.assertTrue(held.seen)
+        reactor = MemoryReactorClock()
+        reloader = Reloader(
+            self.reloader.relay, self.reloader.notifier, reactor, runInThread=runNow
+        )
+        reloads: list[int] = []
+        reloader.reload = lambda: reloads.append(1)  # type: ignore[method-assign]
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        return reloader, reactor, reloads, held
+
+    def test_hangupWhileStarting(self) -> None:
+        """
+        A SIGHUP after L{holdHangups} and before the reloader starts does
+        not end the process: the reloader reloads once the reactor runs,
+        and only once.
+        """
+        reloader, reactor, reloads, held = self.startAfterHeldHangups(True)
+        self.assertEqual(reloads, [])
+        reactor.run()
+        self.assertEqual(reloads, [1])
+        self.assertFalse(held.seen)
+        reloader.stopService()
+        hooks = len(reactor.whenRunningHooks)
+        reloader.startService()
+        self.assertEqual(len(reactor.whenRunningHooks), hooks)
+
+    def test_noHangupWhileStarting(self) -> None:
+        """
+        Without a SIGHUP while starting, no reload.
+        """
+        _, reactor, reloads, _ = self.startAfterHeldHangups(False)
+        reactor.run()
+        self.assertEqual(reloads, [])
 
 
 class CheckerClosingTests(SynchronousTestCase):
