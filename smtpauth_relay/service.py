@@ -41,6 +41,7 @@ from smtpauth_relay.delivery.mx import MXDelivery, makeResolver
 from smtpauth_relay.delivery.smarthost import SmarthostDelivery
 from smtpauth_relay.errors import ConfigError, ListenerUnavailable
 from smtpauth_relay.flow import BACKLOG_PER_DELIVERY, InFlow
+from smtpauth_relay.heap import StartupHeapFreezer
 from smtpauth_relay.interfaces import (
     IAdmission,
     IDeliveryAgent,
@@ -429,6 +430,7 @@ def makeRelayService(
         reactor,
         onReload=supervisor.reload if supervisor is not None else None,
     ).setServiceParent(top)
+    StartupHeapFreezer(reactor).setServiceParent(top)
     return top
 
 

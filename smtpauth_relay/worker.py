@@ -32,6 +32,7 @@ from twisted.logger import (
 
 from smtpauth_relay.config import Config, loadConfig
 from smtpauth_relay.errors import ConfigError
+from smtpauth_relay.heap import StartupHeapFreezer
 from smtpauth_relay.ipc import (
     MetricsForwarder,
     Ready,
@@ -177,6 +178,7 @@ def makeWorkerService(
         NotifyService(Notifier({}), reactor),
         reactor,
     ).setServiceParent(top)
+    StartupHeapFreezer(reactor).setServiceParent(top)
     return top
 
 
