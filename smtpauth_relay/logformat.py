@@ -9,8 +9,8 @@ standard output (C{-n}, no C{--logfile}, C{--syslog} or C{--logger}: how
 systemd runs the relay), L{textObserver} writes the same lines but formats
 each second's timestamp once, not once per line (time-zone work that was
 6 % of the relay's Python time under load), and the message with
-C{str.format_map} where that gives Twisted's text (L{classicLogText}).  Any other twistd logging
-choice is left to twistd.
+C{str.format_map} where that gives Twisted's text (L{classicLogText}).
+Any other twistd logging choice is left to twistd.
 
 Each object has C{time} (ISO 8601, UTC), C{level}, C{namespace} (the module
 that logged), C{message} (the same text the human-readable log shows) and

@@ -343,6 +343,46 @@ class EarlyReloadTests(SynchronousTestCase):
         self.assertNotIn("ended unexpectedly", relay.log())
 
 
+    def test_hangupAsListenersOpen(self) -> None:
+        """
+        A SIGHUP sent the moment the relay says it listens (before it has
+        finished starting: a log rotation's C{kill -HUP}) does not end it:
+        it reloads, and then takes mail from a real client.
+        """
+        relay = RelayProcess(server={"workers": 1})
+        self.addCleanup(relay.remove)
+        sent = threading.Event()
+
+        def hangUpEarly() -> None:
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                process = relay.process
+                if process is not None and "listening on" in relay.log():
+                    process.send_signal(signal.SIGHUP)
+                    sent.set()
+                    return
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=hangUpEarly)
+        thread.start()
+        try:
+            relay.start()
+        finally:
+            thread.join()
+        self.assertTrue(sent.is_set())
+        poll(lambda: "reloaded" in relay.log(), WAIT, lambda: relay.log()[-3000:])
+        self.assertTrue(relay.running())
+        client = smtplib.SMTP(HOST, relay.starttlsPort, timeout=IO_TIMEOUT)
+        self.addCleanup(closeQuietly, client)
+        client.starttls(context=clientContext())
+        client.login(USER, PASSWORD)
+        marker = f"e2e-early-hup-{uuid.uuid4().hex}"
+        client.sendmail(
+            "a@sender.example", ["b@rcpt.example"], markedMessage(marker, b"hi\r\n")
+        )
+        relay.waitForDelivery(marker.encode())
+
+
 class OrphanTests(SynchronousTestCase):
     def test_workerEndsWithMainProcess(self) -> None:
         """
