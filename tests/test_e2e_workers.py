@@ -342,7 +342,6 @@ class EarlyReloadTests(SynchronousTestCase):
         )
         self.assertNotIn("ended unexpectedly", relay.log())
 
-
     def test_hangupAsListenersOpen(self) -> None:
         """
         A SIGHUP sent the moment the relay says it listens (before it has
