@@ -349,12 +349,12 @@ def makeRelayService(
     )
     lockoutTimer(lockout).setServiceParent(top)
 
-    factories: list[RelayServerFactory] = []
+    factories: dict[int, RelayServerFactory] = {}
     listening: list[tuple[int, Any]] = []
     for index, listener in enumerate(config.listeners):
         warnLegacyLane(listener)
         sessions, factory = makeListenerFactory(config, listener, parts)
-        factories.append(sessions)
+        factories[index] = sessions
         # strports.service makes a listen failure (port in use) fail startup
         # instead of being logged while the daemon runs deaf.
         try:
@@ -442,7 +442,9 @@ class Relay:
 
     config: Config
     extraCheckers: list[ICredentialsChecker]
-    factories: list[RelayServerFactory]
+    factories: dict[int, RelayServerFactory]
+    """The session factories, by index in C{config.listeners}: a worker
+    has one for each listener it shares only."""
     portal: Portal
     tlsContext: ReloadableContext | None
     lockout: ILoginGuard | None
@@ -458,7 +460,7 @@ class Relay:
         cls,
         config: Config,
         extraCheckers: Sequence[ICredentialsChecker],
-        factories: list[RelayServerFactory],
+        factories: dict[int, RelayServerFactory],
         parts: SessionParts,
         runner: QueueRunner | None,
     ) -> Relay:
@@ -561,7 +563,8 @@ class Relay:
             if new.listeners == self.config.listeners
             else (self.config.listeners)
         )
-        for factory, listener in zip(self.factories, listeners, strict=True):
+        for index, factory in self.factories.items():
+            listener = listeners[index]
             factory.settings = sessionSettings(new, listener)
             factory.policy = policy
             factory.senders = prepared.senders
@@ -708,13 +711,23 @@ class Reloader(Service):
             )
             self.notifier.reloaded("reload refused: see the log")
 
+        def failed(failure: Failure) -> None:
+            # A bug in switching, not a bad file: say so, never in silence.
+            log.failure(
+                "reload of {path} failed while switching to it", failure, path=path
+            )
+            self.notifier.reloaded("reload failed: see the log")
+
         def done(result: object) -> None:
             self._reloading = None
 
         d: Deferred[Any] = self.runInThread(prepare)
         d.addCallbacks(switch, refused)
+        d.addErrback(failed)
         d.addBoth(done)
-        self._reloading = d
+        if not d.called:
+            # (Over already if runInThread ran it here.)
+            self._reloading = d
         return d
 
 

@@ -166,11 +166,11 @@ def makeWorkerService(
         flow,
         RemoteAdmission(channel),
     )
-    factories = []
-    for index, fd in listeners:
-        listener = config.listeners[index]
+    factories = {}
+    for listenerIndex, fd in listeners:
+        listener = config.listeners[listenerIndex]
         sessions, factory = makeListenerFactory(config, listener, parts)
-        factories.append(sessions)
+        factories[listenerIndex] = sessions
         AdoptedListener(reactor, fd, factory, listener.endpoint).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     Reloader(

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpauth_relay.config import loadConfig
@@ -37,7 +38,7 @@ class ReloadTests(SynchronousTestCase):
         self.addCleanup(self.top.stopService)
 
     def factories(self) -> list[RelayServerFactory]:
-        return self.reloader.relay.factories
+        return list(self.reloader.relay.factories.values())
 
     def rewrite(self, text: str) -> None:
         with open(self.path, "w") as f:
@@ -108,6 +109,60 @@ class ReloadTests(SynchronousTestCase):
         self.assertIn("[[listener]]", text)
         self.assertIn("need a restart", text)
         self.assertEqual(self.factories()[0].settings.maxRecipients, 9)
+
+    def test_workerListenersOnly(self) -> None:
+        """
+        A worker's relay has factories for some listeners only (those it
+        shares): a reload gives each the settings of its own listener, by
+        index, not of the listener at its place in the list.
+        """
+        relay = self.reloader.relay
+        implicit = relay.factories[1]
+        worker = Reloader(
+            replace(relay, factories={1: implicit}),
+            self.reloader.notifier,
+            self.reactor,
+            runInThread=runNow,
+        )
+        self.rewrite(
+            self.text.replace(
+                '[server]\nhostname = "relay.example.org"',
+                '[server]\nhostname = "relay.example.org"\nmax_recipients = 8',
+            )
+        )
+        with capturedLogs() as events:
+            self.successResultOf(worker.reload())
+        self.assertEqual(implicit.settings.maxRecipients, 8)
+        self.assertEqual(implicit.settings.tlsMode, "implicit")
+        self.assertEqual(
+            [e for e in events if e.get("log_level") is LogLevel.critical], []
+        )
+
+    def test_switchFailureLogged(self) -> None:
+        """
+        Should switching to a read configuration fail (a bug), the failure
+        is logged and systemd told the reload is over; the next reload
+        runs.
+        """
+        told: list[str] = []
+        notifier = self.reloader.notifier
+        self.patch(notifier, "reloaded", told.append)
+
+        def broken(new: object) -> None:
+            raise RuntimeError("switch broke")
+
+        self.patch(self.reloader.relay, "install", broken)
+        with capturedLogs() as events:
+            self.successResultOf(self.reloader.reload())
+        self.flushLoggedErrors(RuntimeError)
+        (event,) = [e for e in events if "log_failure" in e]
+        self.assertIn("failed while switching", formatEvent(event))
+        self.assertIsInstance(event["log_failure"].value, RuntimeError)
+        self.assertEqual(told, ["reload failed: see the log"])
+        with capturedLogs():
+            self.successResultOf(self.reloader.reload())
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(told[1:], ["reload failed: see the log"])
 
     def test_sighupHandler(self) -> None:
         """
