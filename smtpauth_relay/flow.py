@@ -51,7 +51,7 @@ class InFlow:
 
     def __init__(self, clock: Any, delay: float, limit: int) -> None:
         self.clock = clock
-        self.delay = delay
+        self._delay = delay
         self.limit = limit
         self.backlog = 0
         self.waited = 0
@@ -60,11 +60,25 @@ class InFlow:
         self.observers: list[Callable[[bool], object]] = []
         """Told whether L{congested} whenever that changes (workers)."""
 
+    @property
+    def delay(self) -> float:
+        return self._delay
+
+    @delay.setter
+    def delay(self, delay: float) -> None:
+        # A reload may turn the control on or off: the observers (the
+        # workers) must hear of it, and 0 lets the waiting sessions go.
+        before = self.congested()
+        self._delay = delay
+        self._tell(before)
+        if delay <= 0:
+            self.stop()
+
     def congested(self) -> bool:
         """
         Whether new messages wait now (see L{admit}).
         """
-        return self.delay > 0 and self.backlog >= self.limit
+        return self._delay > 0 and self.backlog >= self.limit
 
     def _tell(self, before: bool) -> None:
         now = self.congested()

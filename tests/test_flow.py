@@ -72,6 +72,29 @@ class InFlowTests(SynchronousTestCase):
             self.flow.committed()
         self.successResultOf(self.flow.admit())
 
+    def test_delayChangeTold(self) -> None:
+        """
+        A new delay (a reload) that turns the control on or off while the
+        backlog is at the limit is told to the observers (the workers); a
+        delay of 0 lets the waiting sessions go.
+        """
+        told: list[bool] = []
+        self.flow.observers.append(told.append)
+        self.flow.delay = 0
+        self.flow.committed()
+        self.flow.committed()
+        self.assertEqual(told, [])
+        self.flow.delay = 2.0
+        self.assertEqual(told, [True])
+        waiting = self.flow.admit()
+        self.flow.delay = 1.0
+        self.assertEqual(told, [True])
+        self.assertNoResult(waiting)
+        self.flow.delay = 0
+        self.assertEqual(told, [True, False])
+        self.successResultOf(waiting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stopReleasesEveryone(self) -> None:
         """
         At shutdown every waiting session goes on.
