@@ -1006,8 +1006,24 @@ class RelayESMTP(smtp.ESMTP):
         lock = lockout.check(self._peer, username) if lockout is not None else None
         if isinstance(lock, Deferred):
             # A worker process asks the main process's lockout.
-            return lock.addCallback(self._lockChecked, step, mechanism, username)
+            return lock.addCallbacks(
+                self._lockChecked,
+                self._lockUnknown,
+                callbackArgs=(step, mechanism, username),
+                errbackArgs=(mechanism, username),
+            )
         return self._lockChecked(lock, step, mechanism, username)
+
+    def _lockUnknown(
+        self, failure: Failure, mechanism: Mechanism, username: str
+    ) -> Deferred[None] | None:
+        """
+        The main process did not say whether the login is locked (its
+        channel failed): a temporary failure, the password unchecked.
+        """
+        if self._lost:
+            return None
+        return self._authError(failure, mechanism.name, username)
 
     def _lockChecked(
         self, lock: Lock | None, step: Any, mechanism: Mechanism, username: str
@@ -1148,9 +1164,15 @@ class RelayESMTP(smtp.ESMTP):
             self.clock.callLater(delay, d.callback, None)
             return d.addCallback(answer)
 
+        def uncounted(failure: Failure) -> Deferred[None] | None:
+            log.failure(
+                "a failed login from {peer} was not counted", failure, peer=self._peer
+            )
+            return tarpit(0.0)
+
         if isinstance(delay, Deferred):
             # A worker process: the main process counts the failure.
-            return delay.addCallback(tarpit)
+            return delay.addCallbacks(tarpit, uncounted)
         return tarpit(delay)
 
     # -- mail transaction -------------------------------------------------

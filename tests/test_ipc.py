@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -43,7 +44,7 @@ from smtpauth_relay.metrics import RelayMetrics
 from smtpauth_relay.server import ConnectionLimiter
 from smtpauth_relay.testing import connectPair
 from tests import test_server
-from tests.support import Harness, plain
+from tests.support import Harness, Session, plain
 
 
 def sample(metrics: RelayMetrics, name: str, **labels: str) -> float:
@@ -554,6 +555,52 @@ class PendingAnswerTests(SynchronousTestCase):
         self.assertEqual(
             session.read(),
             [b"454 4.7.0 Too many failed logins; try again later"],
+        )
+
+    def authenticating(self) -> Session:
+        """
+        A session past EHLO over TLS, its AUTH PLAIN for alice sent (with
+        the wrong password) and waiting for the lockout check.
+        """
+        session = self.harness.connect()
+        self.answer("connect", None)
+        session.read()
+        session.startTLS()
+        session.command(b"EHLO client.example")
+        self.assertEqual(session.command(b"AUTH PLAIN " + plain("alice", "x")), [])
+        return session
+
+    def failAnswer(self, session: Session, name: str, reply: bytes) -> None:
+        """
+        Fail the question C{name} as a lost channel would: C{session} gets
+        C{reply}, the failure is logged once, and the session goes on.
+        """
+        asked, d = self.answers.pop(0)
+        self.assertEqual(asked, name)
+        d.errback(ConnectionLost("channel lost"))
+        self.assertEqual(session.read(), [reply])
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionLost)), 1)
+        self.assertEqual(session.last(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_lockCheckFailed(self) -> None:
+        """
+        No answer to the lockout check (the channel failed): 454 4.7.0, the
+        password not checked; the session goes on.
+        """
+        session = self.authenticating()
+        asked = len(self.harness.checker.asked)
+        self.failAnswer(session, "check", b"454 4.7.0 Temporary authentication failure")
+        self.assertEqual(len(self.harness.checker.asked), asked)
+
+    def test_failureCountFailed(self) -> None:
+        """
+        No answer to the failure count: the failed login is logged as not
+        counted and answered 535 at once.
+        """
+        session = self.authenticating()
+        self.answer("check", None)
+        self.failAnswer(
+            session, "failed", b"535 5.7.8 Authentication credentials invalid"
         )
 
     def test_mailAndRcptWait(self) -> None:
