@@ -57,7 +57,11 @@ class FilePool:
     keep = 8192
 
     def __init__(
-        self, directory: str, tmpDirectory: str, fromMain: bool = False
+        self,
+        directory: str,
+        tmpDirectory: str,
+        fromMain: bool = False,
+        prefix: str = "",
     ) -> None:
         """
         @param directory: where free files are kept (C{free/}).
@@ -65,10 +69,14 @@ class FilePool:
             both on the spool's file system.
         @param fromMain: a worker's pool, on its directory (L{outlet}) that
             the main process fills.
+        @param prefix: begins the name of each file being written in
+            C{tmpDirectory} (a worker's, so that the main process can
+            remove those a worker that died left there).
         """
         self.directory = directory
         self.fromMain = fromMain
         self.tmpDirectory = tmpDirectory
+        self.prefix = prefix
         self._free: deque[str] = deque()
         self.created = 0
         """Files created because none was free (for tests and benchmarks)."""
@@ -141,7 +149,9 @@ class FilePool:
         return path, fd
 
     def _newPath(self) -> str:
-        return os.path.join(self.tmpDirectory, f"{secrets.token_hex(8)}.new")
+        return os.path.join(
+            self.tmpDirectory, f"{self.prefix}{secrets.token_hex(8)}.new"
+        )
 
     def _claim(self, path: str) -> str:
         """

@@ -170,6 +170,35 @@ def workerSpool(spool: Spool, index: int) -> Callable[[str, Any], None]:
     return committed
 
 
+def workerCleanUp(
+    spool: Spool, runner: QueueRunner, runInThread: RunInThread
+) -> Callable[[int], Deferred[None]]:
+    """
+    What the main process does when worker C{N} has ended: remove the
+    files it was writing, and schedule any message it committed but did
+    not report (it died in between).
+    """
+
+    def cleanUp(index: int) -> Deferred[None]:
+        def adopt(queued: list[str]) -> None:
+            known = runner.queuedIds()
+            unknown = [queueId for queueId in queued if queueId not in known]
+            for queueId in unknown:
+                runner.schedule(queueId, 0)
+            if unknown:
+                log.info(
+                    "{count} queued messages the queue runner had not been"
+                    " told of are scheduled (worker {index} ended)",
+                    count=len(unknown),
+                    index=index,
+                )
+
+        d: Deferred[list[str]] = runInThread(spool.workerEnded, index)
+        return d.addCallback(adopt)
+
+    return cleanUp
+
+
 @dataclass
 class SessionParts:
     """
@@ -405,6 +434,7 @@ def makeRelayService(
             lambda index, lost: MainChannel(
                 workerSpool(spool, index), limiter, lockout, limits, flow, lost, metrics
             ),
+            workerCleanUp(spool, runner, runInThread),
         )
         supervisor.setServiceParent(top)
     metrics.setQueueSource(lambda: queueSnapshot(runner.queuedIds(), reactor.seconds()))

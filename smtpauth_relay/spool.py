@@ -46,6 +46,13 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 log = Logger()
 
 
+def workerFilePrefix(worker: int) -> str:
+    """
+    How the names of the files worker C{worker} is writing in C{tmp/} begin.
+    """
+    return f"w{worker}-"
+
+
 def writeFileFrom(pool: FilePool, data: bytes) -> str:
     """
     Write C{data} to a file from C{pool} and fsync it.
@@ -274,7 +281,12 @@ class Spool:
         self.files = (
             FilePool(free, self.tmpDirectory)
             if worker is None
-            else FilePool(os.path.join(free, f"w{worker}"), self.tmpDirectory, True)
+            else FilePool(
+                os.path.join(free, f"w{worker}"),
+                self.tmpDirectory,
+                True,
+                workerFilePrefix(worker),
+            )
         )
         # Files out of the queue by a durable rename, to be released into
         # the pool by the next removal's thread (see remove).
@@ -345,6 +357,32 @@ class Spool:
         See L{ISpool.newMessage}.
         """
         return SpoolWriter(self, newQueueId(self._clock.seconds()))
+
+    def workerEnded(self, worker: int) -> list[str]:
+        """
+        Worker process C{worker} ended: remove the files it was writing
+        (in C{tmp/}, its messages not committed, so not answered 250).
+        Blocking.
+
+        @return: the queued messages (L{queued}), among which any the
+            worker committed but did not live to report.
+        """
+        prefix = workerFilePrefix(worker)
+        removed = 0
+        for name in os.listdir(self.tmpDirectory):
+            if name.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(self.tmpDirectory, name))
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        if removed:
+            log.info(
+                "removed {count} unfinished spool files of worker {worker}",
+                count=removed,
+                worker=worker,
+            )
+        return self.queued()
 
     def queued(self) -> list[str]:
         """

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -169,6 +169,7 @@ class WorkerSupervisor(Service):
         extraArguments: Sequence[str],
         listening: Sequence[tuple[int, Any]],
         makeChannel: Callable[[int, Callable[[MainChannel], object]], MainChannel],
+        cleanUp: Callable[[int], Deferred[Any]] | None = None,
     ) -> None:
         """
         @param count: how many workers (beside the main process).
@@ -178,6 +179,9 @@ class WorkerSupervisor(Service):
             listening once started.
         @param makeChannel: makes the main side of worker C{N}'s channel,
             given C{N} and what to call when it is lost.
+        @param cleanUp: called with C{N} when worker C{N} has ended (to
+            take care of what it left); it is started again once the
+            L{Deferred} this returns has fired.
         """
         self.reactor = reactor
         self.count = count
@@ -185,6 +189,7 @@ class WorkerSupervisor(Service):
         self.extraArguments = list(extraArguments)
         self.listening = list(listening)
         self.makeChannel = makeChannel
+        self.cleanUp = cleanUp
         self.processes: dict[int, _WorkerProcess] = {}
         self.channels: set[MainChannel] = set()
         self._pauses: dict[int, float] = {}
@@ -248,6 +253,14 @@ class WorkerSupervisor(Service):
         index = process.index
         if self.processes.get(index) is process:
             del self.processes[index]
+        cleaned = (
+            maybeDeferred(self.cleanUp, index)
+            if self.cleanUp is not None
+            else succeed(None)
+        )
+        cleaned.addErrback(
+            lambda f: log.failure("cleaning up after worker {index}", f, index=index)
+        )
         if not self.running:
             log.info("worker {index} stopped", index=index)
             return
@@ -268,7 +281,15 @@ class WorkerSupervisor(Service):
             reason=reason.getErrorMessage(),
             pause=pause,
         )
-        self._restarts[index] = self.reactor.callLater(pause, self._start, index)
+
+        def restart(ignored: object) -> None:
+            # (Unless the relay stopped while the clean-up ran.)
+            if self.running:
+                self._restarts[index] = self.reactor.callLater(
+                    pause, self._start, index
+                )
+
+        cleaned.addCallback(restart)
 
     def signal(self, signum: int) -> None:
         """

@@ -497,6 +497,32 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual((worker.files.created, worker.files.reused), (4, 2))
         self.assertEqual(os.listdir(outlet), [])
 
+    def test_workerEnded(self) -> None:
+        """
+        When worker 1 has ended, the files it was writing in C{tmp/} are
+        removed (not worker 10's, nor the main process's), and the queued
+        messages are listed, the one it committed but did not report
+        among them.
+        """
+        tmp = os.path.join(self.directory, "tmp")
+        self.spool.files.outlet(1)
+        workers = {
+            n: Spool(self.directory, self.runner, self.clock, worker=n) for n in (1, 10)
+        }
+        writer = workers[1].newMessage()
+        writer.write(b"reported\n")
+        queueId = self.successResultOf(writer.commit(envelopeFor(writer.queueId)))
+        kept = []
+        for files in (workers[10].files, self.spool.files, workers[1].files):
+            path, fd = files.take()
+            os.close(fd)
+            kept.append(os.path.basename(path))
+        mine = kept.pop()
+        self.assertTrue(mine.startswith("w1-"), mine)
+        self.assertEqual(self.spool.workerEnded(1), [queueId])
+        self.assertEqual(sorted(os.listdir(tmp)), sorted(kept))
+        self.assertEqual(self.messageOf(queueId), b"reported\n")
+
     def test_filesKeptWhenNotOwed(self) -> None:
         """
         The main process keeps the files of its own messages: a worker is

@@ -13,15 +13,21 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from smtpauth_relay.config import ServerConfig
 from smtpauth_relay.ipc import MainChannel
+from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import ConnectionLimiter
+from smtpauth_relay.service import workerCleanUp
+from smtpauth_relay.spool import Spool
+from smtpauth_relay.testing import RecordingDeliveryAgent
+from smtpauth_relay.threads import runNow
 from smtpauth_relay.worker import listenerDescriptors, parseArguments
 from smtpauth_relay.workers import (
     CHANNEL_FD,
@@ -32,6 +38,7 @@ from smtpauth_relay.workers import (
     workerCount,
     workerEnvironment,
 )
+from tests.test_spool import envelopeFor
 
 
 class FakeProcessTransport:
@@ -197,6 +204,7 @@ class SupervisorTests(SynchronousTestCase):
             self.channels.append(channel)
             return channel
 
+        self.cleanUps: list[tuple[int, Deferred[None]]] = []
         self.supervisor = WorkerSupervisor(
             self.reactor,
             2,
@@ -204,8 +212,18 @@ class SupervisorTests(SynchronousTestCase):
             ["--auth", "memory:a:b"],
             [(0, FakeListeningService(40)), (1, FakeListeningService(41))],
             makeChannel,
+            self.cleanUp,
         )
         self.supervisor.startService()
+        self.cleaned = True
+        """Whether the clean-ups are over at once (else: in L{cleanUps})."""
+
+    def cleanUp(self, index: int) -> Deferred[None]:
+        if self.cleaned:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.cleanUps.append((index, d))
+        return d
 
     def end(self, index: int, reason: Any = None) -> None:
         process = self.supervisor.processes[index]
@@ -255,6 +273,43 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(
             self.supervisor._restarts[1].getTime() - self.reactor.seconds(), 1
         )
+        self.flushLoggedErrors()
+
+    def test_restartAfterCleanUp(self) -> None:
+        """
+        A worker that died is cleaned up after (its files) before it is
+        started again; one whose clean-up failed too, the failure logged.
+        """
+        self.cleaned = False
+        spawned = len(self.reactor.spawned)
+        self.end(1)
+        self.end(2)
+        self.assertEqual([index for index, _ in self.cleanUps], [1, 2])
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), spawned)
+        self.cleanUps[0][1].callback(None)
+        self.cleanUps[1][1].errback(OSError("tmp unreadable"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.reactor.advance(1)
+        self.assertEqual(sorted(self.supervisor.processes), [1, 2])
+        self.assertEqual(len(self.reactor.spawned), spawned + 2)
+        self.flushLoggedErrors()
+
+    def test_stopDuringCleanUp(self) -> None:
+        """
+        A worker whose clean-up is still running at shutdown is not
+        started again; one that stops at shutdown is cleaned up after too.
+        """
+        self.cleaned = False
+        self.end(1)
+        d = self.supervisor.stopService()
+        self.end(2, ProcessDone(0))
+        self.successResultOf(d)
+        for _, cleaning in self.cleanUps:
+            cleaning.callback(None)
+        self.assertEqual([index for index, _ in self.cleanUps], [1, 2])
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)
         self.flushLoggedErrors()
 
     def signals(self, index: int) -> list[int]:
@@ -319,3 +374,41 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(100)
         self.assertEqual(len(self.reactor.spawned), 2)
         self.flushLoggedErrors()
+
+
+class WorkerCleanUpTests(SynchronousTestCase):
+    """
+    L{workerCleanUp}: what the main process does once a worker has ended.
+    """
+
+    def test_unreportedMessageScheduled(self) -> None:
+        """
+        A message a worker committed but did not live to report is
+        delivered; those the queue runner knows of are not attempted
+        twice.
+        """
+        clock = Clock()
+        directory = self.mktemp()
+        spool = Spool(directory, runNow, clock)
+        spool.prepare()
+        spool.files.outlet(1)
+        agent = RecordingDeliveryAgent()
+        runner = QueueRunner(spool, agent, clock, retrySchedule=(60,))
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        worker = Spool(directory, runNow, clock, worker=1)
+        queueIds = []
+        for text in (b"reported\n", b"not reported\n"):
+            writer = worker.newMessage()
+            writer.write(text)
+            queueIds.append(
+                self.successResultOf(writer.commit(envelopeFor(writer.queueId)))
+            )
+        spool.adopt(queueIds[0], None, worker=1)
+        clock.advance(0)
+        self.assertEqual([e.queueId for e, _, _ in agent.calls], queueIds[:1])
+        with capturedLogs() as events:
+            self.successResultOf(workerCleanUp(spool, runner, runNow)(1))
+        clock.advance(0)
+        self.assertEqual([e.queueId for e, _, _ in agent.calls], queueIds)
+        self.assertIn("1 queued messages", "\n".join(map(formatEvent, events)))
