@@ -20,7 +20,6 @@ one hash of its time limit.  The passwords found are never shown.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from smtpauth_relay import passwords
+from smtpauth_relay.cpus import usableCpus
 from smtpauth_relay.htpasswd import parseHtpasswd
 from smtpauth_relay.passwordpolicy import commonPasswords
 
@@ -120,15 +120,6 @@ class _Options:
     jobs: int = 0
 
 
-def _defaultJobs() -> int:
-    """
-    @return: The number of CPUs this process may run on.
-    """
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def _parseArguments(argv: Sequence[str], maxTop: int) -> _Options:
     """
     Parse C{FILE [--time-limit SECONDS] [--top N] [--jobs N]}, options in any
@@ -157,7 +148,7 @@ def _parseArguments(argv: Sequence[str], maxTop: int) -> _Options:
             positional.append(arg)
     if len(positional) != 1:
         raise _UsageError("give one password FILE")
-    options = _Options(positional[0], jobs=_defaultJobs())
+    options = _Options(positional[0], jobs=usableCpus())
     if "--time-limit" in values:
         try:
             options.timeLimit = float(values["--time-limit"])

@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import smtpauth_relay
-from smtpauth_relay.config import Config
+from smtpauth_relay.config import MAX_WORKERS, Config
+from smtpauth_relay.cpus import usableCpus
 from smtpauth_relay.ipc import MainChannel
 
 log = Logger()
@@ -71,13 +72,13 @@ def shareable(endpoint: str) -> bool:
     return endpoint.split(":", 1)[0].strip().lower() in SHAREABLE_ENDPOINTS
 
 
-def workerCount(
-    config: Config, cpuCount: Callable[[], int | None] = os.cpu_count
-) -> int:
+def workerCount(config: Config, cpuCount: Callable[[], int] = usableCpus) -> int:
     """
-    How many processes take sessions, the main one included.
+    How many processes take sessions, the main one included: by default
+    one per CPU this process may use (its affinity), at most
+    L{MAX_WORKERS}.
     """
-    return config.server.workers or max(1, cpuCount() or 1)
+    return config.server.workers or max(1, min(cpuCount(), MAX_WORKERS))
 
 
 def workerEnvironment(environ: Any = os.environ) -> dict[str, str]:

@@ -18,9 +18,9 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from smtpauth_relay.config import ServerConfig
+from smtpauth_relay.config import MAX_WORKERS, ServerConfig
 from smtpauth_relay.ipc import MainChannel
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import ConnectionLimiter
@@ -98,9 +98,29 @@ class CountTests(SynchronousTestCase):
         """
         config: Any = SimpleNamespace(server=ServerConfig(workers=0))
         self.assertEqual(workerCount(config, lambda: 8), 8)
-        self.assertEqual(workerCount(config, lambda: None), 1)
+        self.assertEqual(workerCount(config, lambda: 0), 1)
         config.server = ServerConfig(workers=3)
         self.assertEqual(workerCount(config, lambda: 8), 3)
+
+    def test_autoCapped(self) -> None:
+        """
+        On a machine with more cores than the setting allows, "auto" is
+        the most it allows.
+        """
+        config: Any = SimpleNamespace(server=ServerConfig(workers=0))
+        self.assertEqual(workerCount(config, lambda: 256), MAX_WORKERS)
+
+    def test_autoFollowsAffinity(self) -> None:
+        """
+        By default the count is of the CPUs this process may run on, not
+        of the machine's (a relay pinned to two cores runs two processes).
+        """
+        config: Any = SimpleNamespace(server=ServerConfig(workers=0))
+        if not hasattr(os, "sched_getaffinity"):
+            raise SkipTest("no CPU affinity here")
+        self.patch(os, "sched_getaffinity", lambda pid: {0, 1})
+        self.patch(os, "cpu_count", lambda: 32)
+        self.assertEqual(workerCount(config), 2)
 
 
 class CommandTests(SynchronousTestCase):
