@@ -180,9 +180,9 @@ class WorkerSupervisor(Service):
             listening once started.
         @param makeChannel: makes the main side of worker C{N}'s channel,
             given C{N} and what to call when it is lost.
-        @param cleanUp: called with C{N} when worker C{N} has ended (to
-            take care of what it left); it is started again once the
-            L{Deferred} this returns has fired.
+        @param cleanUp: called with C{N} when worker C{N} has ended while
+            the relay runs (to take care of what it left); it is started
+            again once the L{Deferred} this returns has fired.
         """
         self.reactor = reactor
         self.count = count
@@ -254,6 +254,10 @@ class WorkerSupervisor(Service):
         index = process.index
         if self.processes.get(index) is process:
             del self.processes[index]
+        if not self.running:
+            # (What it left, the next start clears.)
+            log.info("worker {index} stopped", index=index)
+            return
         cleaned = (
             maybeDeferred(self.cleanUp, index)
             if self.cleanUp is not None
@@ -262,9 +266,6 @@ class WorkerSupervisor(Service):
         cleaned.addErrback(
             lambda f: log.failure("cleaning up after worker {index}", f, index=index)
         )
-        if not self.running:
-            log.info("worker {index} stopped", index=index)
-            return
         # A worker that ran a while starts again at once; one that keeps
         # dying waits longer each time.
         lived = self.reactor.seconds() - process.started
