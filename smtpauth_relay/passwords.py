@@ -691,14 +691,19 @@ def useSaltKey(key: bytes) -> None:
         _fakeSecret[:] = [key]
 
 
-def saltKey(path: str) -> bytes:
+def saltKey(path: str, create: bool = True) -> bytes:
     """
     The relay's key for made-up SCRAM salts, kept in C{path} (created, 32
     random bytes readable by the relay alone, if missing), so that an
     unknown user's salt is the same in every process and after a restart,
     as a real user's is.  Blocking; call at start.
 
+    @param create: whether to create the key if it is missing or too short
+        (the main process); a worker process only reads the main one's: a
+        key of its own would differ from the other processes'.
+
     @raise OSError: if it cannot be read or created.
+    @raise ValueError: if it is missing or too short and C{create} is false.
     """
     try:
         with open(path, "rb") as f:
@@ -706,6 +711,8 @@ def saltKey(path: str) -> bytes:
     except FileNotFoundError:
         key = b""
     if len(key) < 32:
+        if not create:
+            raise ValueError(f"{path}: no SCRAM salt key (the main process makes it)")
         key = secrets.token_bytes(32)
         replaceFile(path, key, mode=0o600)
     return key

@@ -140,7 +140,9 @@ def makeWorkerService(
 
     # The main process's key: an unknown user's made-up SCRAM salt must not
     # depend on the process a client reaches.
-    useSaltKey(saltKey(os.path.join(config.queue.directory, SALT_KEY_FILE)))
+    useSaltKey(
+        saltKey(os.path.join(config.queue.directory, SALT_KEY_FILE), create=False)
+    )
     runInThread = ownThreadRunner(reactor, "spool", 4)
     # The main process prepared (and locked) the spool; a worker only adds
     # messages to it.

@@ -574,6 +574,22 @@ class ScramSecretsTests(SynchronousTestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), key)
 
+    def test_saltKeyReadOnly(self) -> None:
+        """
+        A worker process only reads the key: missing or too short, it is
+        an error naming the file, and no key is written.
+        """
+        path = self.mktemp()
+        with self.assertRaises(ValueError) as raised:
+            saltKey(path, create=False)
+        self.assertIn(path, str(raised.exception))
+        self.assertFalse(os.path.exists(path))
+        with open(path, "wb") as f:
+            f.write(b"short")
+        self.assertRaises(ValueError, saltKey, path, create=False)
+        key = saltKey(path)
+        self.assertEqual(saltKey(path, create=False), key)
+
 
 class CramMD5SchemeTests(SynchronousTestCase):
     """
