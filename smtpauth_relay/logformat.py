@@ -165,11 +165,7 @@ def classicLogText(formatTime: Callable[[float | None], str]) -> Any:
             return None
         system = event.get("log_system")
         if system is None:
-            level = event.get("log_level")
-            system = (
-                f"{event.get('log_namespace', '-')}"
-                f"#{'-' if level is None else level.name}"
-            )
+            system = defaultSystem(event)
         elif type(system) is not str:
             return fallback(event)
         line = f"{formatTime(event.get('log_time'))} [{system}] {message}"
@@ -239,6 +235,15 @@ def observerFor(
     return None
 
 
+def defaultSystem(event: LogEvent) -> str:
+    """
+    The bracket of a text line whose event has no C{log_system}, as
+    Twisted writes it: C{namespace#level} (C{-} for either missing).
+    """
+    level = event.get("log_level")
+    return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+
+
 def workerObserver(observer: ILogObserver, index: int) -> ILogObserver:
     """
     C{observer}, for a worker process (C{[server] workers}): each event
@@ -251,11 +256,7 @@ def workerObserver(observer: ILogObserver, index: int) -> ILogObserver:
         event = dict(event)
         event.setdefault("worker", index)
         if "log_system" not in event:
-            level = event.get("log_level")
-            event["log_system"] = (
-                f"{event.get('log_namespace', '-')}"
-                f"#{level.name if level is not None else 'info'} worker={index}"
-            )
+            event["log_system"] = f"{defaultSystem(event)} worker={index}"
         observer(event)
 
     return tag

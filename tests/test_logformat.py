@@ -195,6 +195,20 @@ class WorkerObserverTests(SynchronousTestCase):
         record = json.loads(jsonOut.getvalue())
         self.assertEqual((record["worker"], record["level"]), (3, "warn"))
 
+    def test_noLevel(self) -> None:
+        """
+        An event without a level (a legacy C{twisted.python.log.msg}) has
+        the bracket the main process's lines would give it, the worker
+        added.
+        """
+        event = {"log_namespace": "x", "log_format": "hi", "log_time": 0.0}
+        main = io.StringIO()
+        textObserver(main)(event)
+        self.assertIn("[x#-] hi", main.getvalue())
+        text = io.StringIO()
+        workerObserver(textObserver(text), 4)(event)
+        self.assertIn("[x#- worker=4] hi", text.getvalue())
+
 
 class ObserverForTests(SynchronousTestCase):
     """
