@@ -83,10 +83,12 @@ class FilePool:
         self.reused = 0
         """Files handed out from the pool (for tests and benchmarks)."""
         self._owed: dict[int, deque[None]] = {}
+        """The files each worker is owed, one C{None} each (a deque: its
+        C{extend} and C{popleft} are atomic)."""
         self._outlets: dict[int, str] = {}
         self._nextListing = 0
-        self._listing = threading.Lock()
         """C{created} at which L{take} next lists the directory."""
+        self._listing = threading.Lock()
 
     def prepare(self, queued: set[int]) -> None:
         """
@@ -193,14 +195,14 @@ class FilePool:
         self._owed.setdefault(worker, deque())
         return directory
 
-    def owe(self, worker: int, count: int = 2) -> None:
+    def owe(self, worker: int) -> None:
         """
-        Worker C{worker} used C{count} files (a message's two): the next
-        released files go to it (see L{outlet}).
+        Worker C{worker} used a message's two files: the next two released
+        go to it (see L{outlet}).
         """
         owed = self._owed.get(worker)
         if owed is not None and len(owed) < self.keep:
-            owed.extend([None] * count)
+            owed.extend((None, None))
 
     def _give(self, path: str) -> bool:
         """
