@@ -69,6 +69,7 @@ REFUSALS: dict[str, Reply] = {
     "rate": replies.TOO_MANY_CONNECTIONS_RATE,
     "shutdown": replies.SHUTTING_DOWN,
 }
+_REFUSAL_NAMES = {reply: name for name, reply in REFUSALS.items()}
 
 
 class Queued(amp.Command):
@@ -215,7 +216,6 @@ class MainChannel(amp.AMP):
         lockout: Lockout | None,
         limits: RateLimits | None,
         flow: InFlow | None,
-        lost: Callable[[MainChannel], object] = lambda channel: None,
         metrics: ISessionMetrics | None = None,
     ) -> None:
         super().__init__()
@@ -231,7 +231,6 @@ class MainChannel(amp.AMP):
         self.lockout = lockout
         self.limits = limits
         self.flow = flow
-        self.lost = lost
         # The worker's connections counted in the limiter, released if the
         # worker dies without saying so.
         self.counted: Counter[str] = Counter()
@@ -256,7 +255,6 @@ class MainChannel(amp.AMP):
             for listener, count in stillOpen.items():
                 for _ in range(count):
                     self.metrics.connectionClosed(listener)
-        self.lost(self)
 
     def flowChanged(self, congested: bool) -> None:
         tell(self, FlowChanged, congested=congested)
@@ -301,8 +299,9 @@ class MainChannel(amp.AMP):
         if refusal is None and self.limits is not None:
             if not self.limits.connectionAllowed(host):
                 refusal = replies.TOO_MANY_CONNECTIONS_RATE
-        names = {reply: name for name, reply in REFUSALS.items()}
-        return {"refusal": names.get(refusal, "") if refusal is not None else ""}
+        return {
+            "refusal": _REFUSAL_NAMES.get(refusal, "") if refusal is not None else ""
+        }
 
     @Disconnect.responder
     def disconnect(self, host: str) -> dict[str, Any]:
@@ -506,14 +505,8 @@ class RemoteFlow:
         """
         if self.delay <= 0 or not self.channel.congested:
             return None
-        d: Deferred[None] = Deferred()
-
-        def done(result: object) -> None:
-            d.callback(None)
-
         # Whatever happens to the question, the session goes on.
-        self.channel.callRemote(Admit).addBoth(done)
-        return d
+        return self.channel.callRemote(Admit).addBoth(lambda result: None)
 
 
 def _metricsLost(failure: Failure) -> None:

@@ -424,15 +424,17 @@ def makeRelayService(
     count = workerCount(config)
     if count > 1 and listening:
         # After the listeners (whose sockets the workers share) and the
-        # queue runner (which delivers what they accept).
+        # queue runner (which delivers what they accept).  Each worker's
+        # spool directory is made once, not at each restart.
+        committedBy = {index: workerSpool(spool, index) for index in range(1, count)}
         supervisor = WorkerSupervisor(
             reactor,
             count - 1,
             config.path,
             list(workerArguments),
             listening,
-            lambda index, lost: MainChannel(
-                workerSpool(spool, index), limiter, lockout, limits, flow, lost, metrics
+            lambda index: MainChannel(
+                committedBy[index], limiter, lockout, limits, flow, metrics
             ),
             workerCleanUp(spool, runner, runInThread),
         )

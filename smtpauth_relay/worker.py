@@ -56,7 +56,7 @@ from smtpauth_relay.service import (
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.systemd import Notifier, NotifyService
 from smtpauth_relay.threads import ownThreadRunner
-from smtpauth_relay.workers import CHANNEL_FD
+from smtpauth_relay.workers import CHANNEL_FD, OneProtocolFactory
 
 log = Logger(namespace="smtpauth_relay.worker")
 
@@ -66,11 +66,10 @@ class AdoptedListener(Service):
     Accepts connections on an inherited listening socket.
     """
 
-    def __init__(self, reactor: Any, fd: int, factory: Any, endpoint: str) -> None:
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
         self.reactor = reactor
         self.fd = fd
         self.factory = factory
-        self.endpoint = endpoint
         self.port: Any = None
 
     def startService(self) -> None:
@@ -129,13 +128,9 @@ def makeWorkerService(
             reactor.stop()
 
     channel = WorkerChannel(lost=lost)
-    from twisted.internet.protocol import Factory
-
-    class _Channel(Factory):
-        def buildProtocol(self, addr: Any) -> WorkerChannel:
-            return channel
-
-    reactor.adoptStreamConnection(channelFd, socket.AF_UNIX, _Channel())
+    reactor.adoptStreamConnection(
+        channelFd, socket.AF_UNIX, OneProtocolFactory(channel)
+    )
     os.close(channelFd)
 
     # The main process's key: an unknown user's made-up SCRAM salt must not
@@ -173,7 +168,7 @@ def makeWorkerService(
         listener = config.listeners[listenerIndex]
         sessions, factory = makeListenerFactory(config, listener, parts)
         factories[listenerIndex] = sessions
-        AdoptedListener(reactor, fd, factory, listener.endpoint).setServiceParent(top)
+        AdoptedListener(reactor, fd, factory).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
     Reloader(
         Relay.fromParts(config, extraCheckers, factories, parts, None),

@@ -169,7 +169,7 @@ class WorkerSupervisor(Service):
         configPath: str,
         extraArguments: Sequence[str],
         listening: Sequence[tuple[int, Any]],
-        makeChannel: Callable[[int, Callable[[MainChannel], object]], MainChannel],
+        makeChannel: Callable[[int], MainChannel],
         cleanUp: Callable[[int], Deferred[Any]] | None = None,
     ) -> None:
         """
@@ -179,7 +179,7 @@ class WorkerSupervisor(Service):
             L{twisted.application.internet.StreamServerEndpointService},
             listening once started.
         @param makeChannel: makes the main side of worker C{N}'s channel,
-            given C{N} and what to call when it is lost.
+            given C{N}.
         @param cleanUp: called with C{N} when worker C{N} has ended while
             the relay runs (to take care of what it left); it is started
             again once the L{Deferred} this returns has fired.
@@ -192,7 +192,6 @@ class WorkerSupervisor(Service):
         self.makeChannel = makeChannel
         self.cleanUp = cleanUp
         self.processes: dict[int, _WorkerProcess] = {}
-        self.channels: set[MainChannel] = set()
         self._pauses: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
         self._sockets: list[tuple[int, int]] = []
@@ -230,16 +229,11 @@ class WorkerSupervisor(Service):
                 childFDs=childFDs,
             )
             self.processes[index] = process
-
-            def lost(channel: MainChannel) -> None:
-                self.channels.discard(channel)
-
-            channel = self.makeChannel(index, lost)
+            channel = self.makeChannel(index)
             channel.onReady = lambda channel: self._ready(process)
             process.channel = channel
-            self.channels.add(channel)
             self.reactor.adoptStreamConnection(
-                mine.fileno(), socket.AF_UNIX, _OneProtocol(channel)
+                mine.fileno(), socket.AF_UNIX, OneProtocolFactory(channel)
             )
         finally:
             mine.close()
@@ -345,7 +339,7 @@ class WorkerSupervisor(Service):
         return DeferredList(ended).addBoth(done)
 
 
-class _OneProtocol(Factory):
+class OneProtocolFactory(Factory):
     """
     Hands out one protocol (for an adopted connection).
     """

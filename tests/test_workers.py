@@ -216,10 +216,10 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor = FakeReactor()
         self.channels: list[MainChannel] = []
 
-        def makeChannel(index: int, lost: Any) -> MainChannel:
+        def makeChannel(index: int) -> MainChannel:
             self.assertIn(index, (1, 2))
             channel = MainChannel(
-                lambda q, e: None, ConnectionLimiter(10, 10), None, None, None, lost
+                lambda q, e: None, ConnectionLimiter(10, 10), None, None, None
             )
             self.channels.append(channel)
             return channel
