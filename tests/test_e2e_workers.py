@@ -16,9 +16,13 @@ import time
 import urllib.request
 import uuid
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smtpauth_relay.envelope import Envelope
 from smtpauth_relay.ipc import MetricsForwarder
+from smtpauth_relay.spool import Spool
+from smtpauth_relay.threads import runNow
 from tests.e2e_support import (
     HOST,
     IO_TIMEOUT,
@@ -282,6 +286,43 @@ class WorkerProcessTests(SharedRelay):
         marker = f"e2e-after-kill-{uuid.uuid4().hex}"
         self.send(marker)
         self.relay.waitForDelivery(marker.encode())
+
+    def test_deadWorkerCleanedUpAfter(self) -> None:
+        """
+        When a worker dies, the main process removes the files it was
+        writing and delivers a message it committed but never reported,
+        before it starts the worker again.
+        """
+        (old,) = self.workers()
+        tmp = os.path.join(self.relay.queueDirectory, "tmp")
+        partial = os.path.join(tmp, "w1-0123456789abcdef.new")
+        with open(partial, "wb") as f:
+            f.write(b"half a message")
+        # A message committed by worker 1 (its spool, the same directory)
+        # that never reached the main process.
+        marker = f"e2e-unreported-{uuid.uuid4().hex}"
+        sender, recipients = self.addresses()
+        clock = Clock()
+        clock.advance(time.time())
+        spool = Spool(self.relay.queueDirectory, runNow, clock, worker=1)
+        writer = spool.newMessage()
+        writer.write(markedMessage(marker, b"hello\r\n"))
+        envelope = Envelope(
+            queueId=writer.queueId,
+            sender=sender,
+            recipients=tuple(recipients),
+            receivedAt=clock.seconds(),
+        )
+        writer.commit(envelope)
+        os.kill(old, signal.SIGKILL)
+        self.relay.waitForDelivery(marker.encode())
+        self.assertFalse(os.path.exists(partial))
+        self.assertIn("unfinished spool files of worker 1", self.relay.log())
+        poll(
+            lambda: [p for p in childPids(self.relay.process.pid) if p != old] or None,  # type: ignore[union-attr]
+            WAIT,
+            lambda: "a new worker",
+        )
 
 
 class WorkerStopTests(SynchronousTestCase):
