@@ -486,6 +486,13 @@ class Relay:
     tlsContexts: dict[str | None, ReloadableContext] = field(default_factory=dict)
     """Every listener TLS context, by minimum_tls_version (None: [tls]'s)."""
     flow: IFlowControl | None = None
+    runningListeners: tuple[ListenerConfig, ...] = ()
+    """The listeners as started (a change needs a restart); by default
+    C{config.listeners}."""
+
+    def __post_init__(self) -> None:
+        if not self.runningListeners:
+            self.runningListeners = self.config.listeners
 
     @classmethod
     def fromParts(
@@ -522,7 +529,7 @@ class Relay:
         """
         old = self.config
         needsRestart = []
-        if new.listeners != old.listeners:
+        if new.listeners != self.runningListeners:
             needsRestart.append("[[listener]]")
         if new.queue.directory != old.queue.directory:
             needsRestart.append("[queue] directory")
@@ -590,13 +597,8 @@ class Relay:
         )
         # A change of listeners needs a restart: until then the running
         # listeners keep their own keys.
-        listeners = (
-            new.listeners
-            if new.listeners == self.config.listeners
-            else (self.config.listeners)
-        )
         for index, factory in self.factories.items():
-            listener = listeners[index]
+            listener = self.runningListeners[index]
             factory.settings = sessionSettings(new, listener)
             factory.policy = policy
             factory.senders = prepared.senders

@@ -164,6 +164,33 @@ class ReloadTests(SynchronousTestCase):
         self.flushLoggedErrors(RuntimeError)
         self.assertEqual(told[1:], ["reload failed: see the log"])
 
+    def test_listenersChangedTwice(self) -> None:
+        """
+        Until a restart the listeners run as started: a second reload after
+        a change of listeners (one fewer, here) still names them as needing
+        a restart, and gives each running listener its own settings.
+        """
+        start = self.text.index("[[listener]]", self.text.index("[[listener]]") + 1)
+        oneListener = self.text[:start] + self.text[self.text.index("[auth]") :]
+        for recipients in (9, 11):
+            self.rewrite(
+                oneListener.replace(
+                    '[server]\nhostname = "relay.example.org"',
+                    '[server]\nhostname = "relay.example.org"\n'
+                    f"max_recipients = {recipients}",
+                )
+            )
+            with capturedLogs() as events:
+                self.successResultOf(self.reloader.reload())
+            text = "\n".join(formatEvent(e) for e in events)
+            self.assertIn("[[listener]]", text)
+            self.assertNotIn("failed while switching", text)
+            factories = self.reloader.relay.factories.values()
+            self.assertEqual(
+                [(f.settings.maxRecipients, f.settings.tlsMode) for f in factories],
+                [(recipients, "starttls"), (recipients, "implicit")],
+            )
+
     def test_sighupHandler(self) -> None:
         """
         Started for real, the reloader handles SIGHUP (and gives the
