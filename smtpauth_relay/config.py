@@ -452,6 +452,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    text: str = field(default="", compare=False, repr=False)
+    """The TOML it was read from (what the main process gives a worker)."""
 
 
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -1328,6 +1330,7 @@ class _Validator:
 
     def __init__(self, path: str, text: str) -> None:
         self.path = path
+        self.text = text
         self.lines = _LineIndex(text)
         self.baseDirectory = os.path.dirname(os.path.abspath(path))
         self.problems: list[tuple[int | None, str]] = []
@@ -1479,6 +1482,7 @@ class _Validator:
             limits=limits,
             metrics=metrics,
             logging=logging,
+            text=self.text,
         )
 
     def unknownTopLevel(self, name: str, value: object) -> None:

@@ -420,6 +420,7 @@ def makeRelayService(
         flow=flow,
     )
     runner.setServiceParent(top)
+    relay = Relay.fromParts(config, extraCheckers, factories, parts, runner)
     supervisor = None
     count = workerCount(config)
     if count > 1 and listening:
@@ -437,6 +438,7 @@ def makeRelayService(
                 committedBy[index], limiter, lockout, limits, flow, metrics
             ),
             workerCleanUp(spool, runner, runInThread),
+            lambda: (config.text, relay.config.text),
         )
         supervisor.setServiceParent(top)
     metrics.setQueueSource(lambda: queueSnapshot(runner.queuedIds(), reactor.seconds()))
@@ -457,7 +459,7 @@ def makeRelayService(
     notifier = NotifyService(Notifier(), reactor)
     notifier.setServiceParent(top)
     Reloader(
-        Relay.fromParts(config, extraCheckers, factories, parts, runner),
+        relay,
         notifier,
         reactor,
         onReload=supervisor.reload if supervisor is not None else None,

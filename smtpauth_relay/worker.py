@@ -12,6 +12,7 @@ Started by the main process only, through L{smtpauth_relay.workerstart}::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -30,7 +31,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
-from smtpauth_relay.config import Config, loadConfig
+from smtpauth_relay.config import Config, loadConfig, parseConfig
 from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.heap import StartupHeapFreezer
 from smtpauth_relay.ipc import (
@@ -115,11 +116,15 @@ def makeWorkerService(
     listeners: Sequence[tuple[int, int]],
     extraCheckers: Sequence[ICredentialsChecker] = (),
     index: int = 1,
+    running: Config | None = None,
 ) -> WorkerService:
     """
     Build a worker: its sessions, on the listening sockets C{listeners}
     (C{(listener index, descriptor)}), its channel on C{channelFd}.
     Blocking (it reads the TLS files).
+
+    @param running: what the main process runs now, if it has reloaded
+        since it started with C{config}: switched to as a reload would.
     """
 
     def lost(reason: Any) -> None:
@@ -170,11 +175,11 @@ def makeWorkerService(
         factories[listenerIndex] = sessions
         AdoptedListener(reactor, fd, factory).setServiceParent(top)
     SessionDrain(limiter, reactor).setServiceParent(top)
-    Reloader(
-        Relay.fromParts(config, extraCheckers, factories, parts, None),
-        NotifyService(Notifier({}), reactor),
-        reactor,
-    ).setServiceParent(top)
+    relay = Relay.fromParts(config, extraCheckers, factories, parts, None)
+    if running is not None:
+        relay.apply(running)
+        relay.install(running)
+    Reloader(relay, NotifyService(Notifier({}), reactor), reactor).setServiceParent(top)
     StartupHeapFreezer(reactor).setServiceParent(top)
     return top
 
@@ -188,7 +193,27 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
     parser.add_argument("--auth", action="append", default=[])
+    parser.add_argument("--config-fd", type=int, default=None)
     return parser.parse_args(argv)
+
+
+def readConfigs(path: str, fd: int | None) -> tuple[Config, Config | None]:
+    """
+    The configuration a worker starts with, and the one to switch to at
+    once (or C{None}): from the main process's document on descriptor
+    C{fd} (L{smtpauth_relay.workers.configDocument}: what it started with
+    and what it runs now), else read from C{path}.  Blocking.
+
+    @raise ConfigError: if either is invalid.
+    """
+    if fd is None:
+        return loadConfig(path), None
+    with os.fdopen(fd, "rb") as f:
+        document = json.loads(f.read())
+    started = parseConfig(document["started"], path)
+    if document["running"] == document["started"]:
+        return started, None
+    return started, parseConfig(document["running"], path)
 
 
 def listenerDescriptors(values: Sequence[str]) -> list[tuple[int, int]]:
@@ -205,7 +230,7 @@ def listenerDescriptors(values: Sequence[str]) -> list[tuple[int, int]]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parseArguments(sys.argv[1:] if argv is None else argv)
     try:
-        config = loadConfig(args.config)
+        config, running = readConfigs(args.config, args.config_fd)
     except ConfigError as e:
         raise SystemExit(
             f"smtpauth-relay worker {args.index}: invalid configuration:\n"
@@ -235,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         listenerDescriptors(args.listener),
         [strcred.makeChecker(a) for a in args.auth],
         args.index,
+        running,
     )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -20,10 +20,12 @@ L{WorkerSupervisor.grace} seconds.  A reload (SIGHUP) is passed on.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,10 +100,13 @@ def workerCommand(
     index: int,
     listeners: Sequence[int],
     extraArguments: Sequence[str] = (),
+    configFd: int | None = None,
 ) -> list[str]:
     """
     The command line of worker C{index}, whose listening sockets (by
-    C{[[listener]]} index) are descriptors L{FIRST_LISTENER_FD} onwards.
+    C{[[listener]]} index) are descriptors L{FIRST_LISTENER_FD} onwards,
+    and who reads the main process's configuration from descriptor
+    C{configFd} if given (see L{configDocument}).
     """
     command = [
         sys.executable,
@@ -115,7 +120,25 @@ def workerCommand(
     ]
     for n, listener in enumerate(listeners):
         command += ["--listener", f"{listener}:{FIRST_LISTENER_FD + n}"]
+    if configFd is not None:
+        command += ["--config-fd", str(configFd)]
     return command + list(extraArguments)
+
+
+def configDocument(started: str, running: str) -> Any:
+    """
+    What the main process gives a worker to read at start: the
+    configuration text it started with (the listeners, and whatever else
+    needs a restart) and the one it runs now (after its reloads), so that
+    a worker started again runs what the main process runs, even when the
+    file has been edited since without a reload.
+
+    @return: an unlinked temporary file holding them, at its start.
+    """
+    document = tempfile.TemporaryFile()
+    document.write(json.dumps({"started": started, "running": running}).encode())
+    document.seek(0)
+    return document
 
 
 def listeningPort(service: Any) -> Any:
@@ -171,6 +194,7 @@ class WorkerSupervisor(Service):
         listening: Sequence[tuple[int, Any]],
         makeChannel: Callable[[int], MainChannel],
         cleanUp: Callable[[int], Deferred[Any]] | None = None,
+        configTexts: Callable[[], tuple[str, str]] | None = None,
     ) -> None:
         """
         @param count: how many workers (beside the main process).
@@ -183,6 +207,9 @@ class WorkerSupervisor(Service):
         @param cleanUp: called with C{N} when worker C{N} has ended while
             the relay runs (to take care of what it left); it is started
             again once the L{Deferred} this returns has fired.
+        @param configTexts: the configuration text the main process
+            started with and the one it runs now, for each worker started
+            (L{configDocument}); without it a worker reads the file.
         """
         self.reactor = reactor
         self.count = count
@@ -191,6 +218,7 @@ class WorkerSupervisor(Service):
         self.listening = list(listening)
         self.makeChannel = makeChannel
         self.cleanUp = cleanUp
+        self.configTexts = configTexts
         self.processes: dict[int, _WorkerProcess] = {}
         self._pauses: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
@@ -210,16 +238,23 @@ class WorkerSupervisor(Service):
     def _start(self, index: int) -> None:
         self._restarts.pop(index, None)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        texts = self.configTexts() if self.configTexts is not None else None
+        document = configDocument(*texts) if texts and texts[0] else None
         try:
             childFDs: dict[int, Any] = {1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
             for n, (_, fd) in enumerate(self._sockets):
                 childFDs[FIRST_LISTENER_FD + n] = fd
+            configFd = None
+            if document is not None:
+                configFd = FIRST_LISTENER_FD + len(self._sockets)
+                childFDs[configFd] = document.fileno()
             process = _WorkerProcess(self, index)
             command = workerCommand(
                 self.configPath,
                 index,
                 [listener for listener, _ in self._sockets],
                 self.extraArguments,
+                configFd,
             )
             self.reactor.spawnProcess(
                 process,
@@ -238,6 +273,8 @@ class WorkerSupervisor(Service):
         finally:
             mine.close()
             theirs.close()
+            if document is not None:
+                document.close()
         log.info(
             "started worker {index} (pid {pid})",
             index=index,

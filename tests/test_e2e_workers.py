@@ -25,6 +25,7 @@ from smtpauth_relay.spool import Spool
 from smtpauth_relay.threads import runNow
 from tests.e2e_support import (
     HOST,
+    HOSTNAME,
     IO_TIMEOUT,
     PASSWORD,
     USER,
@@ -323,6 +324,47 @@ class WorkerProcessTests(SharedRelay):
             WAIT,
             lambda: "a new worker",
         )
+
+    def test_restartedWorkerRunsMainsConfiguration(self) -> None:
+        """
+        A worker started again runs the configuration the main process
+        runs, not the file edited since without a reload: every greeting
+        still names the old hostname, the worker's included.
+        """
+        (old,) = self.workers()
+        with open(self.relay.configPath) as f:
+            text = f.read()
+        self.addCleanup(self.rewriteConfig, text)
+        self.rewriteConfig(text.replace(HOSTNAME, "edited-not-reloaded.test"))
+        running = self.relay.log().count("worker 1 running")
+        os.kill(old, signal.SIGKILL)
+        poll(
+            lambda: self.relay.log().count("worker 1 running") > running or None,
+            WAIT,
+            lambda: "the worker running again",
+        )
+
+        def byWorker() -> int:
+            return self.relay.log().count("worker=1] connection from")
+
+        before = byWorker()
+        for _ in range(200):
+            with socket.create_connection(
+                (HOST, self.relay.starttlsPort), IO_TIMEOUT
+            ) as s:
+                s.settimeout(IO_TIMEOUT)
+                greeting = s.recv(1024)
+                s.sendall(b"QUIT\r\n")
+                s.recv(1024)
+            self.assertIn(HOSTNAME.encode(), greeting)
+            if byWorker() >= before + 3:
+                break
+        else:
+            self.fail("the worker took none of 200 connections")
+
+    def rewriteConfig(self, text: str) -> None:
+        with open(self.relay.configPath, "w") as f:
+            f.write(text)
 
 
 class WorkerStopTests(SynchronousTestCase):

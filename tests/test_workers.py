@@ -6,8 +6,10 @@ real worker processes.)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -20,7 +22,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from smtpauth_relay.config import MAX_WORKERS, ServerConfig
+from smtpauth_relay.config import MAX_WORKERS, ServerConfig, loadConfig
+from smtpauth_relay.errors import ConfigError
 from smtpauth_relay.ipc import MainChannel
 from smtpauth_relay.retry import QueueRunner
 from smtpauth_relay.server import ConnectionLimiter
@@ -28,16 +31,18 @@ from smtpauth_relay.service import workerCleanUp
 from smtpauth_relay.spool import Spool
 from smtpauth_relay.testing import RecordingDeliveryAgent
 from smtpauth_relay.threads import runNow
-from smtpauth_relay.worker import listenerDescriptors, parseArguments
+from smtpauth_relay.worker import listenerDescriptors, parseArguments, readConfigs
 from smtpauth_relay.workers import (
     CHANNEL_FD,
     FIRST_LISTENER_FD,
     WorkerSupervisor,
+    configDocument,
     shareable,
     workerCommand,
     workerCount,
     workerEnvironment,
 )
+from tests.test_plugins import configText, writeConfig
 from tests.test_spool import envelopeFor
 
 
@@ -59,6 +64,8 @@ class FakeReactor(Clock):
         super().__init__()
         self.spawned: list[tuple[Any, list[str], dict[str, str], dict[int, Any]]] = []
         self.adopted: list[tuple[int, Any]] = []
+        self.documents: list[dict[int, bytes]] = []
+        """The regular files each process was given, by descriptor."""
 
     def spawnProcess(
         self,
@@ -71,6 +78,14 @@ class FakeReactor(Clock):
         transport = FakeProcessTransport(1000 + len(self.spawned))
         protocol.makeConnection(transport)
         self.spawned.append((protocol, args, env, dict(childFDs)))
+        documents = {}
+        for number, fd in childFDs.items():
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    documents[number] = os.pread(fd, 1 << 20, 0)
+            except OSError:
+                pass  # (the fake listening sockets' made-up numbers)
+        self.documents.append(documents)
         return transport
 
     def adoptStreamConnection(self, fd: int, family: Any, factory: Any) -> None:
@@ -163,6 +178,39 @@ class CommandTests(SynchronousTestCase):
             listenerDescriptors(args.listener),
             [(0, FIRST_LISTENER_FD), (2, FIRST_LISTENER_FD + 1)],
         )
+        self.assertIsNone(args.config_fd)
+        args = parseArguments(workerCommand("/etc/relay.toml", 2, [0], [], 5)[4:])
+        self.assertEqual(args.config_fd, 5)
+
+    def configFd(self, started: str, running: str) -> int:
+        document = configDocument(started, running)
+        fd = os.dup(document.fileno())
+        document.close()
+        return fd
+
+    def test_readConfigs(self) -> None:
+        """
+        A worker reads the main process's configuration from the document
+        on its descriptor: what it started with, and what it runs now if
+        that differs (relative paths taken from the file's directory, and
+        problems named after it, as when the file is read); without a
+        descriptor, from the file.
+        """
+        text, _ = configText(self)
+        path = writeConfig(self, text)
+        started, running = readConfigs(path, None)
+        self.assertEqual((started.text, running), (text, None))
+        started, running = readConfigs(path, self.configFd(text, text))
+        self.assertEqual((started, running), (loadConfig(path), None))
+        edited = text.replace("[server]\n", "[server]\nmax_recipients = 7\n")
+        started, running = readConfigs(path, self.configFd(text, edited))
+        assert running is not None
+        self.assertEqual(started.server.max_recipients, 100)
+        self.assertEqual(running.server.max_recipients, 7)
+        self.assertEqual(running.path, path)
+        with self.assertRaises(ConfigError) as raised:
+            readConfigs(path, self.configFd("[server]\nworkers = -1\n", text))
+        self.assertIn(path, "\n".join(raised.exception.problems))
 
 
 class BootstrapTests(SynchronousTestCase):
@@ -233,7 +281,9 @@ class SupervisorTests(SynchronousTestCase):
             [(0, FakeListeningService(40)), (1, FakeListeningService(41))],
             makeChannel,
             self.cleanUp,
+            lambda: self.texts,
         )
+        self.texts = ("started", "started")
         self.supervisor.startService()
         self.cleaned = True
         """Whether the clean-ups are over at once (else: in L{cleanUps})."""
@@ -251,8 +301,9 @@ class SupervisorTests(SynchronousTestCase):
 
     def test_started(self) -> None:
         """
-        Each worker gets the listening sockets, its channel on descriptor 3
-        and the standard output and error; nothing else.
+        Each worker gets the listening sockets, its channel on descriptor 3,
+        the main process's configuration after the sockets, and the
+        standard output and error; nothing else.
         """
         self.assertEqual(len(self.reactor.spawned), 2)
         for n, (_, args, env, childFDs) in enumerate(self.reactor.spawned):
@@ -260,17 +311,43 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(
                 args,
                 workerCommand(
-                    "/etc/relay.toml", n + 1, [0, 1], ["--auth", "memory:a:b"]
+                    "/etc/relay.toml",
+                    n + 1,
+                    [0, 1],
+                    ["--auth", "memory:a:b"],
+                    FIRST_LISTENER_FD + 2,
                 ),
             )
             self.assertEqual(childFDs[1], 1)
             self.assertEqual(childFDs[2], 2)
             self.assertEqual(childFDs[FIRST_LISTENER_FD], 40)
             self.assertEqual(childFDs[FIRST_LISTENER_FD + 1], 41)
-            self.assertEqual(sorted(childFDs), [1, 2, CHANNEL_FD, FIRST_LISTENER_FD, 5])
+            self.assertEqual(
+                sorted(childFDs), [1, 2, CHANNEL_FD, FIRST_LISTENER_FD, 5, 6]
+            )
         self.assertEqual(
             [protocol for _, protocol in self.reactor.adopted], self.channels
         )
+
+    def test_configDocument(self) -> None:
+        """
+        Each worker started gets, on the descriptor after its listeners,
+        the configuration the main process started with and the one it
+        runs at that moment (after a reload); the file itself may have
+        been edited since.
+        """
+        self.assertEqual(
+            [json.loads(d[FIRST_LISTENER_FD + 2]) for d in self.reactor.documents],
+            [{"started": "started", "running": "started"}] * 2,
+        )
+        self.texts = ("started", "reloaded")
+        self.end(1)
+        self.reactor.advance(1)
+        self.assertEqual(
+            json.loads(self.reactor.documents[-1][FIRST_LISTENER_FD + 2]),
+            {"started": "started", "running": "reloaded"},
+        )
+        self.flushLoggedErrors()
 
     def test_restarted(self) -> None:
         """
