@@ -536,12 +536,7 @@ class PendingAnswerTests(SynchronousTestCase):
         """
         AUTH waits for the lockout check, then for the failure count.
         """
-        session = self.harness.connect()
-        self.answer("connect", None)
-        session.read()
-        session.startTLS()
-        session.command(b"EHLO client.example")
-        self.assertEqual(session.command(b"AUTH PLAIN " + plain("alice", "x")), [])
+        session = self.authenticating()
         self.answer("check", None)
         self.assertEqual(session.read(), [])
         self.answer("failed", 0.0)
